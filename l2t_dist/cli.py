@@ -1,0 +1,148 @@
+"""The `l2t-dist` command. Heavy imports happen inside the sub-commands, so `--help` is fast.
+
+Exit codes: 0 success, 2 bad input (job, data, checkpoint, option), 3 failure at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from l2t_dist import __version__
+from l2t_dist.errors import L2TError
+
+EXIT_BAD_INPUT = 2
+EXIT_RUNTIME = 3
+
+
+def _add_sources(sub) -> None:
+    sources = sub.add_parser("sources", help="inspect and evaluate source checkpoints")
+    ssub = sources.add_subparsers(dest="action", required=True)
+
+    ins = ssub.add_parser("inspect", help="print a model's feature taps and a checkpoint's metadata")
+    ins.add_argument("checkpoint", nargs="?", help="checkpoint file; omit to inspect the built-in architecture")
+    ins.add_argument("--arch", required=True, help="architecture name, e.g. l2t_resnet32")
+    ins.add_argument("--image-size", type=int, default=32)
+    ins.add_argument("--num-classes", type=int, default=None)
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.set_defaults(func=_cmd_sources_inspect)
+
+    ev = ssub.add_parser("eval", help="top-1 accuracy of a checkpoint on a dataset split")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--arch", required=True)
+    ev.add_argument("--data", required=True, metavar="KIND:PATH", help="e.g. parquet:../shared/data/cifar10-exact-subset")
+    ev.add_argument("--split", required=True, help="split as named on disk (train, test, val, or a parquet shard prefix)")
+    ev.add_argument("--holdout", choices=("all", "train", "val"), default="all",
+                    help="evaluate on the whole split, or on the train/val part of the protocol's 10%% hold-out")
+    ev.add_argument("--image-size", type=int, default=32)
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ev.add_argument("--json", action="store_true", help='last line: {"top1": <percent>, "n": <images>}')
+    ev.set_defaults(func=_cmd_sources_eval)
+
+
+def _add_train(sub) -> None:
+    tr = sub.add_parser("train", help="train a target network with a transfer method")
+    tr.add_argument("job", nargs="?", help="job YAML file (omit for the embedded defaults)")
+    tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. method.beta=1.0")
+    tr.add_argument("--backend", choices=("local",), default="local",
+                    help="local: one process, no Ray")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
+    tr.set_defaults(func=_cmd_train)
+
+    job = sub.add_parser("job", help="validate a job file and print it with every default filled in")
+    job.add_argument("job", nargs="?")
+    job.add_argument("overrides", nargs="*")
+    job.set_defaults(func=_cmd_job)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l2t-dist",
+        description="Multi-source transfer learning with L2T-ww (Learning What and Where to Transfer).")
+    parser.add_argument("--version", action="version", version=f"l2t-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_sources(sub)
+    _add_train(sub)
+    return parser
+
+
+def _parse_data(spec: str) -> tuple[str, str]:
+    from l2t_dist.errors import ConfigError
+
+    kind, sep, path = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"--data {spec!r} must look like KIND:PATH, e.g. parquet:../shared/data/cifar10-jpeg")
+    return kind, path
+
+
+def _cmd_sources_inspect(args) -> int:
+    from l2t_dist.sources.inspect import inspect_source
+
+    report = inspect_source(args.checkpoint, args.arch, args.image_size, args.num_classes)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"architecture: {report['arch']}  classes: {report['num_classes']}  "
+          f"parameters: {report['parameters']:,}")
+    if report["checkpoint"]:
+        print(f"checkpoint:   {report['checkpoint']}")
+        for key, value in report["meta"].items():
+            print(f"  {key}: {value}")
+    print(f"taps at {args.image_size}x{args.image_size} input:")
+    print(f"  {'#':>3}  {'name':<12} {'channels':>8}  {'size':>7}")
+    for i, tap in enumerate(report["taps"]):
+        print(f"  {i:>3}  {tap['name']:<12} {tap['channels']:>8}  {tap['height']:>3}x{tap['width']:<3}")
+    return 0
+
+
+def _cmd_sources_eval(args) -> int:
+    from l2t_dist.sources.evaluate import evaluate_checkpoint
+
+    kind, path = _parse_data(args.data)
+    result = evaluate_checkpoint(args.checkpoint, args.arch, kind, path, args.split,
+                                 image_size=args.image_size, batch_size=args.batch_size,
+                                 holdout=args.holdout, limit=args.limit)
+    if not args.json:
+        print(f"{args.arch} on {kind}:{path} [{args.split}/{args.holdout}]: "
+              f"top-1 {result['top1']:.2f}% over {result['n']} images")
+    else:
+        print(json.dumps(result))
+    return 0
+
+
+def _cmd_job(args) -> int:
+    from l2t_dist.config import dump_job, load_job
+
+    print(dump_job(load_job(args.job, args.overrides)), end="")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from l2t_dist.config import load_job
+    from l2t_dist.train.local import train_local
+
+    job = load_job(args.job, args.overrides) if not args.resume else None
+    summary = train_local(job, resume=args.resume, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except L2TError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The job schema: one YAML file per experiment, `key=value` overrides on the command line.
+
+Validation happens here, before any data or model is touched, so a typo costs seconds, not
+an hour of training. Every error names the key, what was wrong and the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from l2t_dist.errors import ConfigError
+
+ARCH_NAMES = (
+    "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+    "l2t_resnet20", "l2t_resnet32", "vgg9_bn", "resnet18", "resnet34",
+)
+DATA_KINDS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "parquet", "synthetic")
+METHODS = ("scratch", "lwf", "at", "fm", "l2t_w", "l2t_ww")
+PAIR_PRESETS = ("single", "one_to_one", "all_to_all")
+# The paper's pairing for each method when the job does not say.
+DEFAULT_PAIRS = {"at": "one_to_one", "fm": "single", "l2t_w": "one_to_one", "l2t_ww": "all_to_all"}
+
+TapSpec = Union[int, str]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_arch(value: str) -> str:
+    if value not in ARCH_NAMES:
+        raise ValueError(f"unknown architecture {value!r}; allowed: {', '.join(ARCH_NAMES)}")
+    return value
+
+
+class DataConfig(_Section):
+    """Where the target task's images come from and how they are split."""
+
+    kind: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "parquet", "synthetic"] = "synthetic"
+    path: str = Field("task=c,classes=10,per_class=100,size=32,seed=0",
+                      description="dataset folder; for synthetic, a spec like task=c,classes=10")
+    train_split: str = Field("train", description="training split as named on disk")
+    test_split: str = Field("test", description="test split as named on disk (only reported)")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="class-balanced validation share held out from train")
+    split_seed: int = Field(0, description="seed of the validation hold-out and the per-class subset")
+    per_class: Optional[int] = Field(None, ge=1, description="limited-data regime: training images per class")
+    official_splits: Optional[str] = Field(
+        None, description="prefix of the official L2T-ww split files, e.g. ../shared/data/l2tww-splits/stl10")
+    image_size: int = Field(32, ge=8, le=512, description="side of the square images fed to the networks")
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(500, ge=1)
+    augment: bool = Field(True, description="pad-4 random crop and horizontal flip for training")
+
+
+class SourceConfig(_Section):
+    """One frozen, pretrained source network."""
+
+    name: str = Field(..., min_length=1, description="a short name, used in pair names and metrics")
+    arch: str = Field(..., description="architecture, one of " + ", ".join(ARCH_NAMES))
+    checkpoint: str = Field(..., description="checkpoint file (L2T-ww, akamaster, state_dict or l2t-dist format)")
+    taps: Optional[list[TapSpec]] = Field(None, description="taps to offer for matching; default: the end of each stage")
+    num_classes: Optional[int] = Field(None, ge=1, description="classes of the source task; default: from the checkpoint")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+
+class TargetConfig(_Section):
+    """The network that is trained on the target task."""
+
+    arch: str = Field("vgg9_bn", description="architecture, one of " + ", ".join(ARCH_NAMES))
+    taps: Optional[list[TapSpec]] = Field(None, description="taps to offer for matching; default: the end of each stage")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+
+class MethodConfig(_Section):
+    """Which transfer method, on which pairs, with which strength."""
+
+    name: Literal["scratch", "lwf", "at", "fm", "l2t_w", "l2t_ww"] = "l2t_ww"
+    pairs: Optional[Union[Literal["single", "one_to_one", "all_to_all"], list[list[str]]]] = Field(
+        None, description="single, one_to_one, all_to_all, or a list of [source:tap, target_tap]; "
+                          "default: fm single, at/l2t_w one_to_one, l2t_ww all_to_all")
+    beta: float = Field(0.5, ge=0.0, description="weight of the transfer loss")
+    T: int = Field(2, ge=1, le=50, description="matching steps in the look-ahead")
+    where: Literal["relu6", "relu", "const"] = Field("relu6", description="where-network type")
+    meta_interval: int = Field(1, ge=1, description="run the meta-update every k iterations")
+    hypergrad: Literal["keep", "replay"] = Field(
+        "keep", description="keep: hold look-ahead graphs (fast); replay: recompute them (lean memory)")
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs_shape(cls, v):
+        if isinstance(v, list):
+            for p in v:
+                if len(p) != 2 or ":" not in str(p[0]):
+                    raise ValueError(f"each explicit pair must be [SOURCE:TAP, TARGET_TAP], got {p!r}")
+        return v
+
+    def resolved_pairs(self):
+        return self.pairs if self.pairs is not None else DEFAULT_PAIRS.get(self.name)
+
+
+class OptimConfig(_Section):
+    """SGD with momentum for θ, cosine-annealed per epoch."""
+
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    epochs: int = Field(200, ge=1)
+
+
+class MetaConfig(_Section):
+    """Adam for φ, the what/where networks."""
+
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+
+
+class RunConfig(_Section):
+    """Bookkeeping: where outputs go, seeds, devices."""
+
+    name: str = Field("job", min_length=1)
+    seed: int = 0
+    out_dir: str = Field("runs", description="runs are written to OUT_DIR/NAME")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    checkpoint_every: Optional[int] = Field(None, ge=1, description="also checkpoint every K iterations")
+    max_iters_per_epoch: Optional[int] = Field(None, ge=1, description="cap iterations per epoch (smoke runs)")
+
+
+class JobConfig(_Section):
+    data: DataConfig = DataConfig()
+    sources: list[SourceConfig] = Field(default_factory=list)
+    target: TargetConfig = TargetConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    meta: MetaConfig = MetaConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _sources_fit_method(self):
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        if self.method.name != "scratch" and not self.sources:
+            raise ValueError(f"method {self.method.name!r} needs at least one entry under 'sources' "
+                             "(name, arch, checkpoint); use method.name=scratch to train without one")
+        if self.method.name == "lwf" and len(self.sources) != 1:
+            raise ValueError("method 'lwf' takes exactly one source")
+        return self
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    lines = [f"invalid job {where}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(e["loc"][:-1])
+            lines.append(f"  - unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {key}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc) -> list[str]:
+    model: Any = JobConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), model)
+    return sorted(model.model_fields)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {dotted!r}: '{'.'.join(parts[:i + 1])}' is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings; values are parsed as YAML (so 0.5, true, [1,2] work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. method.beta=0.5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        try:
+            _set_dotted(tree, key.strip(), value)
+        except (IndexError, ValueError):
+            raise ConfigError(f"override {item!r}: no such list entry") from None
+    return tree
+
+
+def parse_job(tree: dict, where: str = "config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, where)) from None
+
+
+def load_job(path: Optional[str | Path], overrides: list[str] = ()) -> JobConfig:
+    """Read a YAML job (or the embedded defaults when path is None) and apply overrides."""
+    tree: dict = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"job file {str(p)!r} not found; ready-made jobs are in jobs/")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"job file {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"job file {str(p)!r} must hold a mapping of sections (data, sources, ...)")
+        where = f"file {str(p)!r}"
+    apply_overrides(tree, list(overrides))
+    return parse_job(tree, where)
+
+
+def dump_job(job: JobConfig) -> str:
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(job: JobConfig) -> dict[str, Any]:
+    """Dotted keys to scalar values, for experiment trackers."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = node
+
+    walk("", job.model_dump(mode="json"))
+    return out

@@ -1,0 +1,57 @@
+"""Metrics out of the training loop: a JSON-lines log and a one-line progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+
+class JsonlLog:
+    """Append-only metrics log: one JSON object per line, flushed at once (nothing lost on a crash)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, epoch: int, step: int) -> None:
+        """On resume, drop records written after the checkpoint, so nothing is duplicated."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= step and json.loads(line).get("epoch", 0) <= epoch]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+class Progress:
+    """A single-line bar with loss, accuracy and images/s; silent when quiet or not a terminal."""
+
+    def __init__(self, total: int, desc: str, quiet: bool = False, stream: Optional[TextIO] = None):
+        self.total, self.desc, self.n = total, desc, 0
+        self.stream = stream or sys.stderr
+        self.enabled = not quiet
+        self.start = time.perf_counter()
+        self.images = 0
+
+    def update(self, images: int, **fields: float) -> None:
+        self.n += 1
+        self.images += images
+        if not self.enabled:
+            return
+        rate = self.images / max(1e-9, time.perf_counter() - self.start)
+        width = 20
+        done = int(width * self.n / max(1, self.total))
+        info = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        end = "\n" if self.n >= self.total or not self.stream.isatty() else ""
+        self.stream.write(f"\r{self.desc} [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} "
+                          f"{info} {rate:.0f} img/s{end}")
+        self.stream.flush()
+
+    def images_per_s(self) -> float:
+        return self.images / max(1e-9, time.perf_counter() - self.start)

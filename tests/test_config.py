@@ -1,0 +1,76 @@
+"""The job schema: defaults, overrides, and clear errors for every kind of bad input."""
+
+import pytest
+
+from l2t_dist.config import DEFAULT_PAIRS, apply_overrides, dump_job, flatten, load_job, parse_job
+from l2t_dist.errors import ConfigError
+
+SOURCE = {"name": "tin", "arch": "l2t_resnet32", "checkpoint": "x.pth"}
+
+
+def test_defaults_are_the_paper_settings():
+    job = parse_job({"sources": [SOURCE]})
+    assert (job.method.name, job.method.beta, job.method.T, job.method.where) == ("l2t_ww", 0.5, 2, "relu6")
+    assert (job.optim.lr, job.optim.momentum, job.optim.weight_decay, job.optim.epochs) == (0.1, 0.9, 1e-4, 200)
+    assert (job.meta.lr, job.meta.weight_decay) == (1e-4, 1e-4)
+    assert job.method.meta_interval == 1 and job.data.val_fraction == 0.1
+    assert job.method.resolved_pairs() == "all_to_all"
+
+
+@pytest.mark.parametrize("method,preset", sorted(DEFAULT_PAIRS.items()))
+def test_pair_defaults_per_method(method, preset):
+    assert parse_job({"sources": [SOURCE], "method": {"name": method}}).method.resolved_pairs() == preset
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("sources:\n  - {name: tin, arch: l2t_resnet32, checkpoint: x.pth}\n")
+    job = load_job(path, ["method.beta=1.5", "method.T=3", "sources.0.taps=[4, 9, 14]"])
+    assert job.method.beta == 1.5 and job.method.T == 3 and job.sources[0].taps == [4, 9, 14]
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError) as err:
+        parse_job({"method": {"bta": 0.5}})
+    msg = str(err.value)
+    assert "method.bta" in msg and "beta" in msg and "meta_interval" in msg
+
+
+def test_wrong_type_and_range():
+    with pytest.raises(ConfigError, match=r"method\.T"):
+        parse_job({"method": {"name": "scratch", "T": 0}})
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        parse_job({"method": {"name": "scratch"}, "optim": {"lr": "fast"}})
+
+
+def test_unknown_arch_lists_allowed():
+    with pytest.raises(ConfigError) as err:
+        parse_job({"sources": [dict(SOURCE, arch="resnet33")]})
+    assert "resnet33" in str(err.value) and "l2t_resnet32" in str(err.value)
+
+
+def test_unknown_method_lists_allowed():
+    with pytest.raises(ConfigError) as err:
+        parse_job({"method": {"name": "l2t"}})
+    assert "l2t_ww" in str(err.value)
+
+
+def test_transfer_method_needs_a_source():
+    with pytest.raises(ConfigError, match="sources"):
+        parse_job({"method": {"name": "fm"}})
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["method.beta"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_dump_roundtrip_and_flatten():
+    job = parse_job({"sources": [SOURCE], "method": {"beta": 0.25}})
+    import yaml
+    again = parse_job(yaml.safe_load(dump_job(job)))
+    assert again == job
+    flat = flatten(job)
+    assert flat["method.beta"] == 0.25 and flat["sources.0.arch"] == "l2t_resnet32"
