@@ -1,0 +1,82 @@
+"""SGD with momentum and weight decay, in PyTorch's exact semantics, on plain tensor lists.
+
+Why not `torch.optim.SGD`: it skips parameters whose `.grad` is None, but in L2T-ww every
+parameter of θ takes part in every step (a parameter the loss does not reach still moves by
+weight decay and momentum), and the look-ahead needs an out-of-place update so that the
+graphs kept for the hyper-gradient still see the old iterate. The arithmetic mirrors
+`torch.optim.SGD` (dampening 0, no nesterov) op for op, so the real step is bit-identical to it
+whenever every parameter has a gradient. Momentum buffers start at zero: μ·0 + g' = g' is
+exactly PyTorch's first-step `buf = g'.clone()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from l2t_dist.errors import ConfigError
+
+
+@dataclass
+class SGDHyper:
+    """Step hyper-parameters; the trainer mutates `lr` once per epoch (cosine schedule)."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"SGD learning rate must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"SGD momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"SGD weight decay must be >= 0, got {self.weight_decay}")
+
+
+def zero_bufs(params: Sequence[Tensor]) -> list[Tensor]:
+    """Fresh momentum buffers (zeros), one per parameter."""
+    return [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in params]
+
+
+def _direction_(params: Sequence[Tensor], bufs: Sequence[Tensor],
+                grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> None:
+    """bufs ← μ·bufs + (g + wd·θ), in place; None grads count as zero."""
+    with torch.no_grad():
+        for p, b, g in zip(params, bufs, grads):
+            if g is None:
+                d = p.mul(hp.weight_decay) if hp.weight_decay != 0 else torch.zeros_like(p)
+            else:
+                g = g.detach()
+                d = g.add(p, alpha=hp.weight_decay) if hp.weight_decay != 0 else g
+            b.mul_(hp.momentum).add_(d)
+
+
+def _check(params, bufs, grads) -> None:
+    if not (len(params) == len(bufs) == len(grads)):
+        raise ValueError(f"params, bufs and grads differ in length: {len(params)}, {len(bufs)}, {len(grads)}")
+
+
+def sgd_step_(params: Sequence[Tensor], bufs: Sequence[Tensor],
+              grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> None:
+    """One SGD step in place on `params` (their `.data`) and `bufs`; None grad = 0."""
+    _check(params, bufs, grads)
+    _direction_(params, bufs, grads, hp)
+    with torch.no_grad():
+        for p, b in zip(params, bufs):
+            p.add_(b, alpha=-hp.lr)
+
+
+def sgd_update(params: Sequence[Tensor], bufs: Sequence[Tensor],
+               grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> list[Tensor]:
+    """Out-of-place step: returns new detached parameters, updates `bufs` in place.
+
+    The look-ahead uses this form: graphs kept for the reverse sweep hold the old iterate.
+    """
+    _check(params, bufs, grads)
+    _direction_(params, bufs, grads, hp)
+    with torch.no_grad():
+        return [p.detach().add(b, alpha=-hp.lr) for p, b in zip(params, bufs)]

@@ -1,0 +1,135 @@
+"""One training iteration of every method: the real step, and for L2T the meta-update.
+
+L2T iteration on (x, y) with source features computed once by the caller:
+1. real step: SGD on L_org + β·L_transfer (φ constant);
+2-4. look-ahead from the new state, exact hyper-gradient (l2t_dist.bilevel), Adam step on φ;
+5. roll back: the look-ahead is functional, so θ and the momentum buffers are never touched,
+   and the BN running stats are restored by `preserved_buffers` as a guard.
+`reduce_fn(list_of_grads)` runs on the real-step θ-grads and on the φ hyper-grads before the
+optimizers use them: the distributed trainer all-reduces (averages) there, in place. Every
+grad is a tensor (None is turned into zeros first), so buckets line up across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from l2t_dist.bilevel import MODES, SGDHyper, grads_of, hypergradient, sgd_step_, zero_bufs
+from l2t_dist.errors import ConfigError, TrainingError
+from l2t_dist.method.functional import preserved_buffers
+from l2t_dist.method.objective import TransferObjective
+
+ReduceFn = Callable[[list[Tensor]], None]
+
+
+def _identity(grads: list[Tensor]) -> None:
+    return None
+
+
+class L2TStep:
+    """Owns θ's momentum buffers and φ's Adam; `step(x, y, source_feats)` returns float metrics."""
+
+    def __init__(self, objective: TransferObjective, hp: SGDHyper, T: int = 2, meta_lr: float = 1e-4,
+                 meta_weight_decay: float = 1e-4, meta_interval: int = 1, mode: str = "keep",
+                 reduce_fn: Optional[ReduceFn] = None):
+        if meta_interval < 1:
+            raise ConfigError(f"meta_interval must be >= 1, got {meta_interval}")
+        if mode not in MODES:
+            raise ConfigError(f"unknown hyper-gradient mode {mode!r}; allowed: {', '.join(MODES)}")
+        if T < 1:
+            raise ConfigError(f"the look-ahead needs T >= 1 matching steps, got T={T}")
+        self.objective = objective
+        self.hp = hp
+        self.T = T
+        self.meta_interval = meta_interval
+        self.mode = mode
+        self.reduce_fn = reduce_fn or _identity
+        self.theta = objective.theta_params()
+        self.bufs = zero_bufs(self.theta)
+        self.phi = objective.phi_params()
+        self.meta_opt = torch.optim.Adam(self.phi, lr=meta_lr, weight_decay=meta_weight_decay) if self.phi else None
+        self.iteration = 0
+        self.timings: Optional[dict] = None  # set to {} to collect seconds per phase (benchmarks)
+
+    def set_lr(self, lr: float) -> None:
+        """The look-ahead uses the current lr too (cosine schedule, set once per epoch)."""
+        self.hp.lr = float(lr)
+
+    def step(self, x: Tensor, y: Tensor, source_feats: Mapping[str, Mapping[str, Tensor]],
+             meta: Optional[bool] = None) -> dict[str, float]:
+        """One iteration. The meta-update runs on iterations 0, k, 2k, ... (k = meta_interval),
+        or as `meta` says when given (False: real step only, e.g. a warm-up)."""
+        obj = self.objective
+        obj.student.train()
+        t0 = time.perf_counter()
+        batch = obj.prepare(x, y, source_feats)
+        metrics = self._real_step(batch)
+        self._time("real", t0, x)
+        if meta is None:
+            meta = self.iteration % self.meta_interval == 0
+        if self.meta_opt is not None and meta:
+            metrics["meta_loss"] = self._meta_step(batch)
+        self.iteration += 1
+        return metrics
+
+    __call__ = step
+
+    def _real_step(self, batch) -> dict[str, float]:
+        loss, parts, logits = self.objective.real_loss(batch)
+        if not torch.isfinite(loss):
+            ce, tr = float(parts["ce"].detach()), float(parts["transfer"].detach())
+            raise TrainingError(f"non-finite loss at iteration {self.iteration} (ce {ce:.4g}, transfer {tr:.4g}); "
+                                "lower the learning rate or beta")
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads_of(loss, self.theta), self.theta)]
+        self.reduce_fn(grads)
+        sgd_step_(self.theta, self.bufs, grads, self.hp)
+        with torch.no_grad():
+            acc = (logits.argmax(1) == batch.y).float().mean()
+        return {"loss": float(loss.detach()), "ce": float(parts["ce"].detach()),
+                "transfer": float(parts["transfer"].detach()),
+                "acc": float(acc)}
+
+    def _meta_step(self, batch) -> float:
+        obj = self.objective
+        with preserved_buffers(obj.student):
+            meta_loss, grads = hypergradient([p.detach() for p in self.theta], self.bufs, self.phi,
+                                             obj.inner(batch), obj.task_loss(batch), self.T, self.hp, self.mode,
+                                             timings=self.timings)
+        t0 = time.perf_counter()
+        self.reduce_fn(grads)
+        if not (math.isfinite(float(meta_loss)) and all(bool(torch.isfinite(g).all()) for g in grads)):
+            raise TrainingError(f"non-finite meta-loss or hyper-gradient at iteration {self.iteration} "
+                                f"(meta-loss {float(meta_loss):.4g}); lower the learning rate, beta or T")
+        for p, g in zip(self.phi, grads):
+            p.grad = g
+        self.meta_opt.step()
+        for p in self.phi:
+            p.grad = None
+        self._time("adam", t0, batch.x)
+        return float(meta_loss)
+
+    def _time(self, phase: str, t0: float, like: Tensor) -> None:
+        if self.timings is not None:
+            if like.is_cuda:
+                torch.cuda.synchronize()
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+
+    def state_dict(self) -> dict:
+        """Momentum buffers, Adam state and the iteration counter (θ and φ live in their modules)."""
+        return {"bufs": [b.clone() for b in self.bufs], "iteration": self.iteration,
+                "meta_opt": self.meta_opt.state_dict() if self.meta_opt is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["bufs"]) != len(self.bufs):
+            raise TrainingError(f"step state has {len(state['bufs'])} momentum buffers, the student {len(self.bufs)}")
+        with torch.no_grad():
+            for b, s in zip(self.bufs, state["bufs"]):
+                b.copy_(s)
+        self.iteration = int(state["iteration"])
+        if self.meta_opt is not None and state.get("meta_opt") is not None:
+            self.meta_opt.load_state_dict(state["meta_opt"])

@@ -1,0 +1,311 @@
+"""L2T-ww's pieces and one training iteration, on a tiny stand-in target network."""
+
+import copy
+import math
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2t_dist.bilevel import SGDHyper, hypergradient, lookahead_loss
+from l2t_dist.errors import ConfigError, TrainingError
+from l2t_dist.method import (L2TStep, TapInfo, TransferObjective, TransferStudent, WhatNetwork, WhereNetwork,
+                             at_loss, attention_map, matching_terms, pair_weights, resize_to, resolve_pairs,
+                             weighted_matching_loss)
+
+Tap = namedtuple("Tap", "name channels stride")
+
+
+class TinyTapped(nn.Module):
+    """Stand-in target following the models contract: taps t0 (4@8x8) and t1 (6@4x4)."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stage0 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus())
+        self.stage1 = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.GELU())
+        self.fc = nn.Linear(6, classes)
+        self.taps = (Tap("t0", 4, 1), Tap("t1", 6, 2))
+        self.num_classes, self.embedding_dim = classes, 6
+
+    def forward_taps(self, x, taps, logits=True, embedding=False):
+        feats, want = {}, set(taps)
+        h = self.stage0(x)
+        if "t0" in want:
+            feats["t0"] = h
+        if not (logits or embedding or "t1" in want):
+            return None, feats
+        h = self.stage1(h)
+        if "t1" in want:
+            feats["t1"] = h
+        emb = h.mean((2, 3))
+        if embedding:
+            feats["embedding"] = emb
+        return (self.fc(emb) if logits else None), feats
+
+
+SOURCES = {"a": [TapInfo("a1", 3, (8, 8)), TapInfo("a2", 5, (4, 4))], "b": [TapInfo("b1", 4, (8, 8))]}
+TARGET = [TapInfo("t0", 4, (8, 8)), TapInfo("t1", 6, (4, 4))]
+PAIRS = [["a:a1", "t0"], ["a:a1", "t1"], ["a:a2", "t1"], ["b:b1", "t0"]]
+
+
+def make(method="l2t_ww", seed=0, dtype=torch.float32, where="relu6", beta=0.7, **step_kw):
+    torch.manual_seed(seed)
+    pairs = resolve_pairs(PAIRS if method != "lwf" else "single", SOURCES, TARGET)
+    student = TransferStudent(TinyTapped(), method, pairs, source_classes=7 if method == "lwf" else None)
+    obj = TransferObjective(student, beta=beta, where=where, lwf_source="a" if method == "lwf" else None)
+    student.to(dtype)
+    if obj.meta is not None:
+        obj.meta.to(dtype)
+    kw = dict(T=2, meta_interval=1)
+    kw.update(step_kw)
+    return obj, L2TStep(obj, SGDHyper(0.2, 0.9, 0.01), **kw)
+
+
+def batch(seed=1, dtype=torch.float32, B=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, 8, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 5, (B,), generator=g)
+    feats = {"a": {"a1": torch.randn(B, 3, 8, 8, generator=g, dtype=dtype),
+                   "a2": torch.randn(B, 5, 4, 4, generator=g, dtype=dtype),
+                   "logits": torch.randn(B, 7, generator=g, dtype=dtype)},
+             "b": {"b1": torch.randn(B, 4, 8, 8, generator=g, dtype=dtype)}}
+    return x, y, feats
+
+
+def state(obj, step):
+    return ([p.detach().clone() for p in obj.theta_params()] + [b.clone() for b in step.bufs]
+            + [b.clone() for b in obj.student.buffers()])
+
+
+# ---------------------------------------------------------------- pairs
+def test_pair_presets():
+    single = resolve_pairs("single", SOURCES, TARGET)
+    assert [p.name for p in single] == ["a:a2->t1", "b:b1->t0"]
+    one = resolve_pairs("one_to_one", SOURCES, TARGET)
+    assert [p.name for p in one] == ["a:a1->t0", "a:a2->t1", "b:b1->t0"]
+    allp = resolve_pairs("all_to_all", SOURCES, TARGET)
+    assert len(allp) == 6 and allp[1].name == "a:a1->t1" and allp[1].resized
+    explicit = resolve_pairs(PAIRS, SOURCES, TARGET)
+    assert [p.name for p in explicit] == ["a:a1->t0", "a:a1->t1", "a:a2->t1", "b:b1->t0"]
+    assert explicit[2].source_channels == 5 and explicit[2].target_channels == 6
+
+
+def test_pair_errors_are_clear():
+    with pytest.raises(ConfigError, match="spatial size 2x2"):
+        resolve_pairs("single", {"s": [TapInfo("x", 8, (2, 2))]}, TARGET)
+    with pytest.raises(ConfigError, match="unknown pair preset"):
+        resolve_pairs("some", SOURCES, TARGET)
+    with pytest.raises(ConfigError, match="has no tap 'zz'"):
+        resolve_pairs([["a:zz", "t0"]], SOURCES, TARGET)
+    with pytest.raises(ConfigError, match="unknown source 'c'"):
+        resolve_pairs([["c:a1", "t0"]], SOURCES, TARGET)
+    with pytest.raises(ConfigError, match="no target tap 't9'"):
+        resolve_pairs([["a:a1", "t9"]], SOURCES, TARGET)
+    with pytest.raises(ConfigError, match="listed twice"):
+        resolve_pairs([["a:a1", "t0"], ["a:a1", "t0"]], SOURCES, TARGET)
+
+
+# ---------------------------------------------------------------- nets and losses
+def test_what_starts_uniform_and_where_starts_at_one():
+    pooled = torch.randn(3, 5)
+    assert torch.allclose(WhatNetwork(5)(pooled), torch.full((3, 5), 0.2))
+    where = WhereNetwork(5, "relu6")
+    assert where.linear.bias.item() == 1.0
+    nn.init.zeros_(where.linear.weight)
+    assert torch.equal(where(pooled), torch.ones(3))
+    assert torch.allclose(WhereNetwork(5, "const")(pooled), torch.full((3,), math.log(2.0)))
+    relu = WhereNetwork(5, "relu")
+    nn.init.zeros_(relu.linear.weight)
+    with torch.no_grad():
+        relu.linear.bias.fill_(7.0)
+    assert torch.equal(relu(pooled), torch.full((3,), 7.0))
+    with pytest.raises(ConfigError, match="where-network"):
+        WhereNetwork(5, "sigmoid")
+
+
+def test_weighted_matching_loss_is_the_paper_formula():
+    torch.manual_seed(0)
+    B = 3
+    t = [torch.randn(B, 4, 8, 8), torch.randn(B, 5, 4, 4)]
+    s = [torch.randn(B, 4, 8, 8), torch.randn(B, 5, 8, 8)]   # second pair: source resized 8 -> 4
+    lam = [torch.rand(B), torch.rand(B)]
+    w = [torch.softmax(torch.randn(B, 4), 1), torch.softmax(torch.randn(B, 5), 1)]
+    got = weighted_matching_loss(matching_terms(t, s), [pair_weights(l, ww) for l, ww in zip(lam, w)])
+    ref = 0.0
+    for b in range(B):
+        for p in range(2):
+            sp = F.interpolate(s[p], size=t[p].shape[-2:], mode="bilinear", align_corners=False)
+            d = ((t[p][b] - sp[b]) ** 2).mean((1, 2))
+            ref += lam[p][b] * (w[p][b] * d).sum() / B
+    assert torch.allclose(got, ref)
+    assert torch.equal(resize_to(s[0], (8, 8)), s[0])
+
+
+def test_attention_transfer_loss():
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 6, 4, 4), torch.randn(2, 3, 8, 8)
+    a = attention_map(t)
+    assert torch.allclose(a.norm(dim=1), torch.ones(2))
+    ref = (attention_map(F.interpolate(s, size=(4, 4), mode="bilinear", align_corners=False)) - a).pow(2).mean()
+    assert torch.allclose(at_loss([t], [s]), ref)
+
+
+def test_fm_is_the_unweighted_channel_mean():
+    obj, _ = make("fm")
+    x, y, feats = batch()
+    b = obj.prepare(x, y, feats)
+    _, maps, _ = obj.student(x)
+    terms = matching_terms(maps, b.sources)
+    ref = sum(d.mean() for d in terms)
+    assert torch.allclose(weighted_matching_loss(terms, b.weights), ref)
+
+
+@pytest.mark.parametrize("method", ["scratch", "fm", "at", "lwf"])
+def test_methods_without_meta_params_take_only_the_real_step(method):
+    obj, step = make(method)
+    assert obj.phi_params() == [] and step.meta_opt is None
+    m = step(*batch())
+    assert set(m) == {"loss", "ce", "transfer", "acc"}
+    assert (m["transfer"] == 0) == (method == "scratch")
+    assert math.isclose(m["loss"], m["ce"] + 0.7 * m["transfer"], rel_tol=1e-5)
+    if method == "lwf":
+        assert obj.needs_source_logits and obj.student.head is not None
+
+
+def test_needed_taps_and_missing_features():
+    obj, step = make()
+    assert obj.needed_source_taps() == {"a": ["a1", "a2"], "b": ["b1"]}
+    x, y, feats = batch()
+    del feats["b"]["b1"]
+    with pytest.raises(TrainingError, match="b:b1"):
+        step(x, y, feats)
+
+
+# ---------------------------------------------------------------- the iteration
+def test_real_step_equals_torch_sgd():
+    obj, step = make()
+    ref = copy.deepcopy(obj)
+    opt = torch.optim.SGD(ref.theta_params(), lr=0.2, momentum=0.9, weight_decay=0.01)
+    for i in range(3):
+        x, y, feats = batch(seed=i)
+        assert "meta_loss" not in step(x, y, feats, meta=False)
+        opt.zero_grad()
+        ref.real_loss(ref.prepare(x, y, feats))[0].backward()
+        assert all(p.grad is not None for p in ref.theta_params())
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(obj.theta_params(), ref.theta_params()))
+    assert all(torch.equal(a, b) for a, b in zip(obj.student.buffers(), ref.student.buffers()))
+
+
+def test_rollback_restores_theta_momentum_and_bn_stats_exactly():
+    obj, step = make(meta_interval=1)
+    ref_obj, ref_step = make(meta_interval=1)
+    x, y, feats = batch()
+    m = step(x, y, feats)
+    ref_step(x, y, feats, meta=False)
+    assert "meta_loss" in m
+    assert all(torch.equal(a, b) for a, b in zip(state(obj, step), state(ref_obj, ref_step)))
+    assert any(not torch.equal(a, b) for a, b in zip(obj.phi_params(), ref_obj.phi_params()))
+
+
+def test_lookahead_matches_torch_sgd_with_zero_grads():
+    """Independent check of the look-ahead semantics: torch.optim.SGD with zero (not None) grads."""
+    obj, step = make(dtype=torch.float64)
+    x, y, feats = batch(dtype=torch.float64)
+    step(x, y, feats, meta=False)
+    b = obj.prepare(x, y, feats)
+    T, beta = 3, obj.beta
+    got = lookahead_loss([p.detach() for p in step.theta], step.bufs, obj.inner(b), obj.task_loss(b), T, step.hp)
+    ref = copy.deepcopy(obj)
+    theta = ref.theta_params()
+    opt = torch.optim.SGD(theta, lr=0.2, momentum=0.9, weight_decay=0.01)
+    for p, buf in zip(theta, step.bufs):
+        p.grad = torch.zeros_like(p)
+        opt.state[p]["momentum_buffer"] = buf.clone()
+    for k in range(T + 1):
+        opt.zero_grad(set_to_none=False)
+        logits, maps, _ = ref.student(x)
+        loss = (beta * weighted_matching_loss(matching_terms(maps, b.sources), [w.detach() for w in b.weights])
+                if k < T else F.cross_entropy(logits, y))
+        loss.backward()
+        opt.step()
+    meta = F.cross_entropy(ref.student(x, maps=False)[0], y)
+    assert torch.allclose(got, meta.detach(), rtol=1e-12, atol=0)
+
+
+def test_meta_update_is_adam_on_the_hypergradient():
+    obj, step = make(dtype=torch.float64, meta_interval=1)
+    ref_obj, ref_step = make(dtype=torch.float64, meta_interval=1)
+    x, y, feats = batch(dtype=torch.float64)
+    step(x, y, feats)
+    ref_step(x, y, feats, meta=False)  # same θ, bufs as `step` after its real step; φ untouched
+    b = ref_obj.prepare(x, y, feats)
+    _, grads = hypergradient([p.detach() for p in ref_step.theta], ref_step.bufs, ref_step.phi,
+                             ref_obj.inner(b), ref_obj.task_loss(b), 2, ref_step.hp)
+    lr, wd, b1, b2, eps = 1e-4, 1e-4, 0.9, 0.999, 1e-8
+    for p, p0, g in zip(obj.phi_params(), ref_obj.phi_params(), grads):
+        g = g + wd * p0.detach()
+        m_hat, v_hat = (1 - b1) * g / (1 - b1), (1 - b2) * g * g / (1 - b2)
+        assert torch.allclose(p.detach(), p0.detach() - lr * m_hat / (v_hat.sqrt() + eps), rtol=1e-10, atol=1e-15)
+
+
+def test_meta_interval_and_reduce_fn():
+    calls = []
+    obj, step = make(meta_interval=3, reduce_fn=lambda gs: calls.append(len(gs)))
+    n_theta, n_phi = len(obj.theta_params()), len(obj.phi_params())
+    metas, changed = [], []
+    for i in range(7):
+        before = [p.detach().clone() for p in obj.phi_params()]
+        metas.append("meta_loss" in step(*batch(seed=i)))
+        changed.append(any(not torch.equal(a, p) for a, p in zip(before, obj.phi_params())))
+    assert metas == [True, False, False, True, False, False, True] == changed
+    assert calls == [n_theta, n_phi, n_theta, n_theta, n_theta, n_phi, n_theta, n_theta, n_theta, n_phi]
+
+
+def test_reduce_fn_acts_on_the_real_step_gradients():
+    obj, step = make(reduce_fn=lambda gs: [g.mul_(0.0) for g in gs])
+    before = [p.detach().clone() for p in obj.theta_params()]
+    step(*batch(), meta=False)
+    for p, p0 in zip(obj.theta_params(), before):  # zero grads: only weight decay moves θ
+        assert torch.allclose(p.detach(), p0 - 0.2 * 0.01 * p0)
+
+
+def test_non_finite_loss_is_a_training_error():
+    obj, step = make()
+    x, y, feats = batch()
+    feats["a"]["a1"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="non-finite"):
+        step(x, y, feats)
+
+
+def test_state_dict_round_trip():
+    obj, step = make()
+    step(*batch())
+    obj2, step2 = make()
+    step2.load_state_dict(copy.deepcopy(step.state_dict()))
+    assert step2.iteration == 1 and all(torch.equal(a, b) for a, b in zip(step.bufs, step2.bufs))
+    assert step2.meta_opt.state_dict()["state"].keys() == step.meta_opt.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize("where", ["relu6", "relu", "const"])
+def test_where_types_and_l2t_w_train(where):
+    for method in ("l2t_ww", "l2t_w"):
+        obj, step = make(method, where=where)
+        m = step(*batch())
+        assert math.isfinite(m["meta_loss"])
+        if method == "l2t_w":
+            assert obj.meta.where is None
+            assert all(torch.equal(l, torch.ones(6)) for l in obj.prepare(*batch()).lams)
+
+
+def test_bad_config_is_reported():
+    with pytest.raises(ConfigError, match="unknown method"):
+        TransferStudent(TinyTapped(), "kd")
+    with pytest.raises(ConfigError, match="needs at least one"):
+        TransferStudent(TinyTapped(), "fm", [])
+    with pytest.raises(ConfigError, match="number of classes"):
+        TransferStudent(TinyTapped(), "lwf")
+    with pytest.raises(ConfigError, match="meta_interval"):
+        make(meta_interval=0)
