@@ -114,10 +114,17 @@ def _cmd_sources_eval(args) -> int:
     return 0
 
 
+def _job_and_overrides(args) -> tuple:
+    """`l2t-dist train method.beta=1` has no job file: the first word is then an override."""
+    if args.job and "=" in args.job and not args.job.endswith((".yaml", ".yml")):
+        return None, [args.job, *args.overrides]
+    return args.job, args.overrides
+
+
 def _cmd_job(args) -> int:
     from l2t_dist.config import dump_job, load_job
 
-    print(dump_job(load_job(args.job, args.overrides)), end="")
+    print(dump_job(load_job(*_job_and_overrides(args))), end="")
     return 0
 
 
@@ -125,7 +132,7 @@ def _cmd_train(args) -> int:
     from l2t_dist.config import load_job
     from l2t_dist.train.local import train_local
 
-    job = load_job(args.job, args.overrides) if not args.resume else None
+    job = load_job(*_job_and_overrides(args)) if not args.resume else None
     summary = train_local(job, resume=args.resume, quiet=args.quiet)
     if args.json:
         print(json.dumps(summary))

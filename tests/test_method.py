@@ -143,6 +143,14 @@ def test_weighted_matching_loss_is_the_paper_formula():
     assert torch.equal(resize_to(s[0], (8, 8)), s[0])
 
 
+@pytest.mark.parametrize("shape", [(8, 8, 32, 32), (32, 32, 2, 2), (7, 5, 3, 11)])
+def test_resize_is_bilinear_without_corner_alignment(shape):
+    hi, wi, ho, wo = shape
+    s = torch.randn(3, 5, hi, wi, dtype=torch.float64)
+    ref = F.interpolate(s, size=(ho, wo), mode="bilinear", align_corners=False)
+    assert torch.allclose(resize_to(s, (ho, wo)), ref, rtol=0, atol=1e-14)
+
+
 def test_attention_transfer_loss():
     torch.manual_seed(0)
     t, s = torch.randn(2, 6, 4, 4), torch.randn(2, 3, 8, 8)
@@ -152,14 +160,36 @@ def test_attention_transfer_loss():
     assert torch.allclose(at_loss([t], [s]), ref)
 
 
-def test_fm_is_the_unweighted_channel_mean():
-    obj, _ = make("fm")
+def per_pair_transfer(obj, x, feats, lam_w=None):
+    """Σ_pairs mean_b λ Σ_c w D, pair by pair from the modules (no grouping), as a reference."""
+    _, taps = obj.student.target.forward_taps(x, taps=obj.student.taps, logits=False)
+    total = 0.0
+    for i, p in enumerate(obj.student.pairs):
+        r = obj.student.regressors[i](taps[p.target_tap])
+        s = F.interpolate(feats[p.source][p.source_tap], size=r.shape[-2:], mode="bilinear", align_corners=False)
+        d = (r - s).pow(2).mean((2, 3))
+        if lam_w is None:
+            total = total + d.mean()
+        else:
+            lam, w = lam_w[i]
+            total = total + (lam * (w * d).sum(1)).mean()
+    return total
+
+
+@pytest.mark.parametrize("method", ["fm", "l2t_ww"])
+def test_grouped_matching_equals_the_per_pair_formula(method):
+    obj, _ = make(method)
+    with torch.no_grad():  # move φ off its start so that λ and w vary
+        for p in obj.phi_params():
+            p.add_(0.3 * torch.randn_like(p))
     x, y, feats = batch()
-    b = obj.prepare(x, y, feats)
-    _, maps, _ = obj.student(x)
-    terms = matching_terms(maps, b.sources)
-    ref = sum(d.mean() for d in terms)
-    assert torch.allclose(weighted_matching_loss(terms, b.weights), ref)
+    assert obj.student.groups == [[0, 3], [1, 2]]
+    lam_w = None
+    if obj.meta is not None:
+        pooled = [feats[p.source][p.source_tap].mean((2, 3)) for p in obj.student.pairs]
+        lam_w = [(obj.meta.where[i](f), obj.meta.what[i](f)) for i, f in enumerate(pooled)]
+    _, parts, _ = obj.real_loss(obj.prepare(x, y, feats))
+    assert torch.allclose(parts["transfer"], per_pair_transfer(obj, x, feats, lam_w), rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["scratch", "fm", "at", "lwf"])

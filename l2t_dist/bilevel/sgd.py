@@ -43,16 +43,15 @@ def zero_bufs(params: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _direction_(params: Sequence[Tensor], bufs: Sequence[Tensor],
-                grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> None:
-    """bufs ← μ·bufs + (g + wd·θ), in place; None grads count as zero."""
-    with torch.no_grad():
-        for p, b, g in zip(params, bufs, grads):
-            if g is None:
-                d = p.mul(hp.weight_decay) if hp.weight_decay != 0 else torch.zeros_like(p)
-            else:
-                g = g.detach()
-                d = g.add(p, alpha=hp.weight_decay) if hp.weight_decay != 0 else g
-            b.mul_(hp.momentum).add_(d)
+                grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> list[Tensor]:
+    """bufs ← μ·bufs + (g + wd·θ), in place (foreach: few kernels); None grads count as zero."""
+    ps = [p.detach() for p in params]
+    gs = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, ps)]
+    if hp.weight_decay != 0:
+        gs = torch._foreach_add(gs, ps, alpha=hp.weight_decay)
+    torch._foreach_mul_(bufs, hp.momentum)
+    torch._foreach_add_(bufs, gs)
+    return ps
 
 
 def _check(params, bufs, grads) -> None:
@@ -60,16 +59,16 @@ def _check(params, bufs, grads) -> None:
         raise ValueError(f"params, bufs and grads differ in length: {len(params)}, {len(bufs)}, {len(grads)}")
 
 
+@torch.no_grad()
 def sgd_step_(params: Sequence[Tensor], bufs: Sequence[Tensor],
               grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> None:
     """One SGD step in place on `params` (their `.data`) and `bufs`; None grad = 0."""
     _check(params, bufs, grads)
-    _direction_(params, bufs, grads, hp)
-    with torch.no_grad():
-        for p, b in zip(params, bufs):
-            p.add_(b, alpha=-hp.lr)
+    if params:
+        torch._foreach_add_(_direction_(params, bufs, grads, hp), bufs, alpha=-hp.lr)
 
 
+@torch.no_grad()
 def sgd_update(params: Sequence[Tensor], bufs: Sequence[Tensor],
                grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> list[Tensor]:
     """Out-of-place step: returns new detached parameters, updates `bufs` in place.
@@ -77,6 +76,6 @@ def sgd_update(params: Sequence[Tensor], bufs: Sequence[Tensor],
     The look-ahead uses this form: graphs kept for the reverse sweep hold the old iterate.
     """
     _check(params, bufs, grads)
-    _direction_(params, bufs, grads, hp)
-    with torch.no_grad():
-        return [p.detach().add(b, alpha=-hp.lr) for p, b in zip(params, bufs)]
+    if not params:
+        return []
+    return list(torch._foreach_add(_direction_(params, bufs, grads, hp), bufs, alpha=-hp.lr))

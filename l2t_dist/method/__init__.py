@@ -10,9 +10,14 @@ objective.needed_source_taps()   # {"src": [taps]}: what the sources must comput
 step = L2TStep(objective, SGDHyper(lr, momentum, wd), T=2, meta_lr=1e-4, meta_weight_decay=1e-4,
                meta_interval=1, mode="keep", reduce_fn=None)   # reduce_fn: in-place all-reduce hook
 metrics = step(x, y, source_feats)   # source_feats: {source: {tap: (B,C,H,W), "logits": ...}}
-#  -> {"loss", "ce", "transfer", "acc"} (+ "meta_loss" on meta iterations)
+#  -> {"loss", "ce", "transfer", "acc"} (+ "meta_loss" on meta iterations); step(..., meta=False) skips it
 step.set_lr(lr); step.state_dict(); step.load_state_dict(state)
+step.timings = {}   # optional: seconds per phase (real, step1.., meta_loss, reverse.., adam)
+objective.pair_summary(objective.prepare(x, y, source_feats))   # {pair name: mean λ}
 ```
+θ and φ live in `objective.student` and `objective.meta` (save their state_dicts); the step
+holds the momentum buffers, Adam's state and the iteration counter. Pairs sharing a target tap
+run as one fused regressor convolution (`student.groups`); θ keeps one regressor per pair.
 Methods: scratch, lwf, at, fm (real step only), l2t_w (what only, λ = 1), l2t_ww (what + where).
 """
 

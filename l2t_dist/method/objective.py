@@ -48,18 +48,31 @@ class TransferStudent(nn.Module):
             else nn.ModuleList()
         self.head = nn.Linear(target.embedding_dim, source_classes) if method == "lwf" else None
         self.taps = list(dict.fromkeys(p.target_tap for p in self.pairs))
+        # Pairs that share a target tap form a group: their regressors run as one fused 1x1
+        # convolution and their distances as one tensor, 5 kernels where there would be 15.
+        self.groups = [[i for i, p in enumerate(self.pairs) if p.target_tap == tap] for tap in self.taps]
 
     def forward(self, x: Tensor, logits: bool = True, maps: bool = True):
-        """(logits or None, per-pair maps (regressed, or raw for AT), LwF head output or None)."""
+        """(logits or None, maps, LwF head output or None). Maps: per group of pairs, the
+        regressed target map (channels of the group's pairs concatenated); for AT, per pair,
+        the raw target map."""
         taps = self.taps if maps else []
         emb = self.head is not None and logits
         out, feats = self.target.forward_taps(x, taps=taps, logits=logits, embedding=emb)
-        per_pair = []
-        if maps:
-            for i, p in enumerate(self.pairs):
-                f = feats[p.target_tap]
-                per_pair.append(self.regressors[i](f) if len(self.regressors) else f)
-        return out, per_pair, (self.head(feats["embedding"]) if emb else None)
+        if not maps:
+            per = []
+        elif len(self.regressors):
+            per = [self._regress(feats[tap], group) for tap, group in zip(self.taps, self.groups)]
+        else:
+            per = [feats[p.target_tap] for p in self.pairs]
+        return out, per, (self.head(feats["embedding"]) if emb else None)
+
+    def _regress(self, f: Tensor, group: list[int]) -> Tensor:
+        if len(group) == 1:
+            return self.regressors[group[0]](f)
+        weight = torch.cat([self.regressors[i].weight for i in group])
+        bias = torch.cat([self.regressors[i].bias for i in group])
+        return F.conv2d(f, weight, bias)
 
 
 class MetaNetworks(nn.Module):
@@ -83,13 +96,17 @@ class MetaNetworks(nn.Module):
 
 @dataclass
 class Batch:
-    """One batch, prepared once: everything the real step and the look-ahead share."""
+    """One batch, prepared once: everything the real step and the look-ahead share.
+
+    For the matching methods `sources` and `weights` are per group of pairs (see
+    `TransferStudent.groups`), channels concatenated in pair order; for AT, per pair.
+    """
 
     x: Tensor
     y: Tensor
-    sources: list[Tensor] = field(default_factory=list)       # per pair, resized to the target size
+    sources: list[Tensor] = field(default_factory=list)       # resized to the target size
     raw_sources: list[Tensor] = field(default_factory=list)   # per pair, as the source gave it
-    weights: list[Tensor] = field(default_factory=list)       # per pair (1/B)·λ·w; graph to φ for L2T
+    weights: list[Tensor] = field(default_factory=list)       # (1/B)·λ·w; graph to φ for L2T
     lams: list[Tensor] = field(default_factory=list)          # per pair λ (B,), for summaries
     teacher: Optional[Tensor] = None                          # LwF soft targets
 
@@ -140,35 +157,41 @@ class TransferObjective:
     def prepare(self, x: Tensor, y: Tensor, source_feats: Mapping[str, Mapping[str, Tensor]]) -> Batch:
         """Resize the source maps and run the meta-networks once for this batch (graph to φ kept)."""
         batch = Batch(x=x, y=y)
+        pairs, groups = self.student.pairs, self.student.groups
+        dtype = next(self.student.parameters()).dtype  # sources may arrive in bf16/fp16 transport
         pooled: dict[tuple[str, str], Tensor] = {}
-        for p in self.student.pairs:
-            s = _lookup(source_feats, p.source, p.source_tap)
+        for p in pairs:
+            s = _lookup(source_feats, p.source, p.source_tap).to(dtype)
             batch.raw_sources.append(s)
-            batch.sources.append(resize_to(s, p.target_size))
             if (p.source, p.source_tap) not in pooled:
                 pooled[(p.source, p.source_tap)] = pool(s)
-        if self.meta is not None:
-            batch.weights, batch.lams = self.meta([pooled[(p.source, p.source_tap)] for p in self.student.pairs])
-        elif self.method == "fm":
-            batch.weights = [fm_weights(x.shape[0], p.source_channels, x) for p in self.student.pairs]
+        if self.method == "at":
+            batch.sources = list(batch.raw_sources)
+        elif self.method in MATCHING:
+            batch.sources = [_cat([resize_to(batch.raw_sources[i], pairs[i].target_size) for i in g]) for g in groups]
+            if self.meta is not None:
+                weights, batch.lams = self.meta([pooled[(p.source, p.source_tap)] for p in pairs])
+            else:
+                weights = [fm_weights(x.shape[0], p.source_channels, x) for p in pairs]
+            batch.weights = [_cat([weights[i] for i in g]) for g in groups]
         if self.method == "lwf":
             name = self.lwf_source or (next(iter(source_feats)) if len(source_feats) == 1 else None)
             if name is None or "logits" not in source_feats.get(name, {}):
                 raise TrainingError(f"method 'lwf' needs the logits of source {name or '(the only one)'} "
                                     f"(source features {{name: {{'logits': ...}}}}); got sources {list(source_feats)}")
-            batch.teacher = teacher_probs(source_feats[name]["logits"])
+            batch.teacher = teacher_probs(source_feats[name]["logits"].to(dtype))
         return batch
 
     def real_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """L_org + β·L_transfer through the module itself (updates the BN running stats); φ constant."""
         maps = self.method in ("at",) + MATCHING
-        logits, per_pair, head = self.student(batch.x, logits=True, maps=maps)
+        logits, maps, head = self.student(batch.x, logits=True, maps=maps)
         ce = F.cross_entropy(logits, batch.y)
         if self.method in MATCHING:
-            transfer = weighted_matching_loss(matching_terms(per_pair, self._sources_for(batch, per_pair)),
+            transfer = weighted_matching_loss(matching_terms(maps, self._sources_for(batch, maps)),
                                               [w.detach() for w in batch.weights])
         elif self.method == "at":
-            transfer = at_loss(per_pair, batch.raw_sources)
+            transfer = at_loss(maps, batch.sources)
         elif self.method == "lwf":
             transfer = kd_loss(head, batch.teacher)
         else:
@@ -182,8 +205,8 @@ class TransferObjective:
         x = batch.x
 
         def terms(params):
-            _, per_pair, _ = self.functional(params, x, logits=False, maps=True)
-            return matching_terms(per_pair, self._sources_for(batch, per_pair))
+            _, maps, _ = self.functional(params, x, logits=False, maps=True)
+            return matching_terms(maps, self._sources_for(batch, maps))
 
         return FactoredObjective(terms, [self.beta * w for w in batch.weights])
 
@@ -201,12 +224,19 @@ class TransferObjective:
         """Mean λ per pair (the where-network's choice), for tracking."""
         return {p.name: float(l.detach().mean()) for p, l in zip(self.student.pairs, batch.lams)}
 
-    @staticmethod
-    def _sources_for(batch: Batch, per_pair: Sequence[Tensor]) -> list[Tensor]:
-        # The resize is done once in prepare(); redo it only if the input size differs from
-        # the one the pairs were built for.
-        return [s if s.shape[-2:] == m.shape[-2:] else resize_to(r, m.shape[-2:])
-                for s, r, m in zip(batch.sources, batch.raw_sources, per_pair)]
+    def _sources_for(self, batch: Batch, maps: Sequence[Tensor]) -> list[Tensor]:
+        # Resized once in prepare(); redo it only if the input size differs from the one the
+        # pairs were built for.
+        out = []
+        for s, m, group in zip(batch.sources, maps, self.student.groups):
+            if s.shape[-2:] != m.shape[-2:]:
+                s = _cat([resize_to(batch.raw_sources[i], m.shape[-2:]) for i in group])
+            out.append(s)
+        return out
+
+
+def _cat(ts: Sequence[Tensor]) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)
 
 
 def _lookup(source_feats, source: str, tap: str) -> Tensor:

@@ -31,6 +31,18 @@ def _identity(grads: list[Tensor]) -> None:
     return None
 
 
+def _norm_sum(grads: list[Tensor], like: Tensor) -> Tensor:
+    """Σ‖g‖ in float64 (foreach: one kernel); finite iff every entry is, barring overflow."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=like.device)
+    return torch.stack([n.double() for n in torch._foreach_norm(grads)]).sum()
+
+
+def _all_finite(norm_sum: float, grads: list[Tensor]) -> bool:
+    # The exact per-tensor check runs only when the cheap one fails (it may have overflowed).
+    return math.isfinite(norm_sum) or all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 class L2TStep:
     """Owns θ's momentum buffers and φ's Adam; `step(x, y, source_feats)` returns float metrics."""
 
@@ -81,18 +93,19 @@ class L2TStep:
 
     def _real_step(self, batch) -> dict[str, float]:
         loss, parts, logits = self.objective.real_loss(batch)
-        if not torch.isfinite(loss):
-            ce, tr = float(parts["ce"].detach()), float(parts["transfer"].detach())
-            raise TrainingError(f"non-finite loss at iteration {self.iteration} (ce {ce:.4g}, transfer {tr:.4g}); "
-                                "lower the learning rate or beta")
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads_of(loss, self.theta), self.theta)]
+        # Reduce before checking: in data parallel a rank that raised before the collective
+        # would leave the others waiting; a NaN on one rank reaches every rank's grads instead.
         self.reduce_fn(grads)
+        with torch.no_grad():  # one device sync for all metrics and the check
+            acc = (logits.argmax(1) == batch.y).double().mean()
+            loss_v, ce, tr, acc, norm = torch.stack([loss.double(), parts["ce"].double(), parts["transfer"].double(),
+                                                     acc, _norm_sum(grads, loss)]).tolist()
+        if not (math.isfinite(loss_v) and _all_finite(norm, grads)):
+            raise TrainingError(f"non-finite loss or gradient at iteration {self.iteration} (loss {loss_v:.4g}, "
+                                f"ce {ce:.4g}, transfer {tr:.4g}); lower the learning rate or beta")
         sgd_step_(self.theta, self.bufs, grads, self.hp)
-        with torch.no_grad():
-            acc = (logits.argmax(1) == batch.y).float().mean()
-        return {"loss": float(loss.detach()), "ce": float(parts["ce"].detach()),
-                "transfer": float(parts["transfer"].detach()),
-                "acc": float(acc)}
+        return {"loss": loss_v, "ce": ce, "transfer": tr, "acc": acc}
 
     def _meta_step(self, batch) -> float:
         obj = self.objective
@@ -102,16 +115,18 @@ class L2TStep:
                                              timings=self.timings)
         t0 = time.perf_counter()
         self.reduce_fn(grads)
-        if not (math.isfinite(float(meta_loss)) and all(bool(torch.isfinite(g).all()) for g in grads)):
+        with torch.no_grad():  # one device sync
+            value, norm = torch.stack([meta_loss.double(), _norm_sum(grads, meta_loss)]).tolist()
+        if not (math.isfinite(value) and _all_finite(norm, grads)):
             raise TrainingError(f"non-finite meta-loss or hyper-gradient at iteration {self.iteration} "
-                                f"(meta-loss {float(meta_loss):.4g}); lower the learning rate, beta or T")
+                                f"(meta-loss {value:.4g}); lower the learning rate, beta or T")
         for p, g in zip(self.phi, grads):
             p.grad = g
         self.meta_opt.step()
         for p in self.phi:
             p.grad = None
         self._time("adam", t0, batch.x)
-        return float(meta_loss)
+        return value
 
     def _time(self, phase: str, t0: float, like: Tensor) -> None:
         if self.timings is not None:

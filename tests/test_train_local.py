@@ -1,0 +1,147 @@
+"""The one-process trainer on small synthetic jobs: exact resume, NaN handling, outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from l2t_dist.config import parse_job
+from l2t_dist.errors import ConfigError, TrainingError
+from l2t_dist.train import local
+from l2t_dist.train.local import LocalRun, train_local
+
+
+@pytest.fixture(scope="module")
+def source_ckpt(tmp_path_factory):
+    from l2t_dist.models import build_model
+    from l2t_dist.sources.zoo import save_model_checkpoint
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("src") / "src.pt"
+    save_model_checkpoint(str(path), build_model("resnet20", 5), "resnet20", meta={"note": "random"})
+    return str(path)
+
+
+def small_job(tmp_path, source_ckpt, **over):
+    tree = {
+        "data": {"kind": "synthetic", "path": "task=c,classes=4,per_class=12,size=16,seed=0",
+                 "batch_size": 16, "eval_batch_size": 64},
+        "sources": [{"name": "s", "arch": "resnet20", "checkpoint": source_ckpt}],
+        "target": {"arch": "resnet20"},
+        "method": {"name": "l2t_ww", "T": 1, "beta": 0.5},
+        "optim": {"lr": 0.05, "epochs": 2},
+        "meta": {"lr": 1e-2},
+        "run": {"name": "r", "out_dir": str(tmp_path), "seed": 3, "threads": 1},
+    }
+    for dotted, value in over.items():
+        section, key = dotted.split("__")
+        tree.setdefault(section, {})[key] = value
+    return parse_job(tree)
+
+
+def _state(run_dir):
+    state = torch.load(run_dir / "last.pt", weights_only=False)["trainer"]
+    return state["student"], state["phi"]
+
+
+def _log(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("images_per_s")
+    return rows
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", ["epoch", "mid-epoch"])
+def test_resume_continues_the_same_trajectory(tmp_path, source_ckpt, monkeypatch, stop_at):
+    straight = train_local(small_job(tmp_path / "a", source_ckpt, run__checkpoint_every=1))
+    ref_student, ref_phi = _state(tmp_path / "a" / "r")
+
+    job = small_job(tmp_path / "b", source_ckpt, run__checkpoint_every=1)
+    calls = {"n": 0}
+    original_step = LocalRun._train_epoch if stop_at == "epoch" else None
+
+    if stop_at == "epoch":
+        def interrupted(self, n):
+            if self.epoch == 1:
+                raise Stop
+            return original_step(self, n)
+        monkeypatch.setattr(LocalRun, "_train_epoch", interrupted)
+    else:
+        from l2t_dist.method import L2TStep
+        real_call = L2TStep.step
+
+        def interrupted(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 4:  # epoch 2, second batch: the checkpoint after batch 1 is the resume point
+                raise Stop
+            return real_call(self, *a, **k)
+        monkeypatch.setattr(L2TStep, "step", interrupted)
+        monkeypatch.setattr(L2TStep, "__call__", interrupted)
+    with pytest.raises(Stop):
+        train_local(job)
+    monkeypatch.undo()
+    resumed = train_local(None, resume=str(tmp_path / "b" / "r"))
+    student, phi = _state(tmp_path / "b" / "r")
+    assert student.keys() == ref_student.keys()
+    for k in ref_student:
+        assert torch.equal(student[k], ref_student[k]), k
+    for k in ref_phi:
+        assert torch.equal(phi[k], ref_phi[k]), k
+    assert _log(tmp_path / "b" / "r") == _log(tmp_path / "a" / "r")
+    assert resumed["epochs"] == straight["epochs"] == 2
+    assert resumed["best_val_acc"] == straight["best_val_acc"]
+
+
+def test_outputs_and_best_checkpoint_serves_as_source(tmp_path, source_ckpt):
+    from l2t_dist.sources.zoo import load_source
+
+    summary = train_local(small_job(tmp_path, source_ckpt, method__name="fm", optim__epochs=1))
+    run_dir = tmp_path / "r"
+    assert (run_dir / "job.yaml").exists() and (run_dir / "best.pt").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert 0.0 <= rows[0]["val_acc"] <= 100.0 and rows[0]["train_loss"] > 0
+    model, meta = load_source(str(run_dir / "best.pt"), "resnet20")
+    assert model.num_classes == 4 and summary["best_val_acc"] == rows[0]["val_acc"]
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, source_ckpt):
+    job = small_job(tmp_path, source_ckpt, method__name="scratch", optim__epochs=1)
+    train_local(job)
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="--resume"):
+        train_local(job)
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, source_ckpt):
+    job = small_job(tmp_path, source_ckpt, method__name="scratch", optim__epochs=3)
+    train_local(job.model_copy(update={"optim": job.optim.model_copy(update={"epochs": 1})}))
+    good = (tmp_path / "r" / "last.pt").read_bytes()
+    resumed_job = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    resumed_job["trainer"]["job"]["optim"]["epochs"] = 3
+    resumed_job["trainer"]["job"]["optim"]["lr"] = 1e12  # diverges at once
+    torch.save(resumed_job, tmp_path / "r" / "last.pt")
+    good = (tmp_path / "r" / "last.pt").read_bytes()
+    with pytest.raises(TrainingError) as err:
+        train_local(None, resume=str(tmp_path / "r"))
+    assert "non-finite" in str(err.value) and "last.pt" in str(err.value)
+    assert (tmp_path / "r" / "last.pt").read_bytes() == good
+
+
+def test_cli_train_exit_codes(tmp_path, source_ckpt):
+    cmd = [sys.executable, "-m", "l2t_dist.cli", "train", "--quiet", "--json",
+           "data.kind=synthetic", "data.path=task=c,classes=3,per_class=8,size=16", "data.batch_size=8",
+           "target.arch=resnet20", "method.name=scratch", "optim.epochs=1", f"run.out_dir={tmp_path}"]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 1 and summary["method"] == "scratch"
+    bad = subprocess.run(cmd[:-1] + ["method.bta=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "method.bta" in bad.stderr and "Traceback" not in bad.stderr
