@@ -18,6 +18,15 @@ from l2t_dist.method import (L2TStep, TapInfo, TransferObjective, TransferStuden
 Tap = namedtuple("Tap", "name channels stride")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and spinning threads slow down on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class TinyTapped(nn.Module):
     """Stand-in target following the models contract: taps t0 (4@8x8) and t1 (6@4x4)."""
 

@@ -41,8 +41,8 @@ class TappedModel(nn.Module):
     embedding_dim: int = 0
 
     def _set_plan(self, steps: Sequence[tuple[str, Optional[str]]], classifier: str, ref_size: int = 32) -> None:
-        """Record the run order and derive the taps (channels, stride) by a meta-device pass
-        at `ref_size`, so an architecture never states a shape by hand."""
+        """Record the run order and derive the taps (channels, stride) from `tap_shapes(ref_size)`,
+        so an architecture never states a shape by hand."""
         self._steps = tuple((path, tap) for path, tap in steps)
         self._classifier = classifier
         head = self.get_submodule(classifier)

@@ -14,7 +14,7 @@ import torch
 
 from l2t_dist.errors import CheckpointError
 
-FORMAT = "l2t-dist/v1"
+from l2t_dist.sources.zoo import FORMAT  # a training checkpoint is also a source checkpoint
 
 
 def rng_state() -> dict[str, Any]:
