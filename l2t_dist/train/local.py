@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -59,8 +59,11 @@ def pair_report(trainee: Trainee, x: torch.Tensor, y: torch.Tensor, device: torc
 class LocalRun:
     """State of one run and the loop over it; `run()` returns the summary dict."""
 
-    def __init__(self, job: JobConfig, run_dir: Path, quiet: bool = False):
+    def __init__(self, job: JobConfig, run_dir: Path, quiet: bool = False, callbacks: Sequence = ()):
         self.job, self.run_dir, self.quiet = job, run_dir, quiet
+        # Edges (experiment tracking, Ray reporting) hook in here; the loop itself knows none of them.
+        # Each callback may define on_start(run), on_epoch_end(run, record), on_end(run, summary).
+        self.callbacks = list(callbacks)
         if job.run.threads:
             torch.set_num_threads(job.run.threads)
         self.device = pick_device(job.run.device)
@@ -111,10 +114,19 @@ class LocalRun:
         n_batches = batches_per_epoch(len(self.data.train_y), job.data.batch_size)
         if job.run.max_iters_per_epoch:
             n_batches = min(n_batches, job.run.max_iters_per_epoch)
+        self._emit("on_start")
         while self.epoch < job.optim.epochs:
             self._train_epoch(n_batches)
             self._end_epoch()
-        return self.summary()
+        summary = self.summary()
+        self._emit("on_end", summary)
+        return summary
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self, *args)
 
     def _train_epoch(self, n_batches: int) -> None:
         job, t = self.job, self.trainee
@@ -168,6 +180,7 @@ class LocalRun:
         self.history.append({k: v for k, v in record.items() if k != "pairs"})
         self.log.write(record)
         self.save()
+        self._emit("on_epoch_end", record)
         if not self.quiet:
             print(f"epoch {self.epoch}/{job.optim.epochs}: loss {record['train_loss']:.4f} "
                   f"train {record['train_acc']:.2f}% val {val:.2f}% test {test:.2f}% "
@@ -182,13 +195,14 @@ class LocalRun:
                 "pairs": pair_report(self.trainee, self.data.val_x, self.data.val_y, self.device)}
 
 
-def train_local(job: Optional[JobConfig], resume: Optional[str] = None, quiet: bool = False) -> dict:
+def train_local(job: Optional[JobConfig], resume: Optional[str] = None, quiet: bool = False,
+                callbacks: Sequence = ()) -> dict:
     """Train from a job, or resume the run in RUN_DIR from its last checkpoint."""
     if resume:
         run_dir = Path(resume)
         state = load_training_state(run_dir / "last.pt")
         job = parse_job(state["trainer"]["job"], where=f"checkpoint {run_dir / 'last.pt'}")
-        run = LocalRun(job, run_dir, quiet)
+        run = LocalRun(job, run_dir, quiet, callbacks)
         run.restore(state)
         return run.run()
     assert job is not None
@@ -198,4 +212,4 @@ def train_local(job: Optional[JobConfig], resume: Optional[str] = None, quiet: b
                           f"`--resume {run_dir}`, or pick another run.name (run.name=NEW)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(dump_job(job))
-    return LocalRun(job, run_dir, quiet).run()
+    return LocalRun(job, run_dir, quiet, callbacks).run()
