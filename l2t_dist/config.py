@@ -136,6 +136,7 @@ class RunConfig(_Section):
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     checkpoint_every: Optional[int] = Field(None, ge=1, description="also checkpoint every K iterations")
     max_iters_per_epoch: Optional[int] = Field(None, ge=1, description="cap iterations per epoch (smoke runs)")
+    eval_every: int = Field(1, ge=1, description="evaluate val and test every k epochs (and after the last)")
 
 
 class JobConfig(_Section):

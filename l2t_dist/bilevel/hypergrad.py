@@ -25,6 +25,7 @@ The result equals unrolled differentiation (`unrolled_hypergradient`) in exact a
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -35,6 +36,9 @@ from l2t_dist.bilevel.sgd import SGDHyper, sgd_update
 from l2t_dist.errors import ConfigError
 
 MODES = ("keep", "replay")
+# torch.func.jvp scripts a helper on first use, which warns about torch.jit.script on torch 2.14;
+# the warning is torch's own business and would only confuse users of the trainer.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 Loss = Callable[[Sequence[Tensor]], Tensor]
 
 

@@ -163,8 +163,9 @@ class LocalRun:
 
     def _end_epoch(self) -> None:
         job, t, d = self.job, self.trainee, self.data
-        val = accuracy(t.target, d.val_x, d.val_y, job.data.eval_batch_size, self.device)
-        test = accuracy(t.target, d.test_x, d.test_y, job.data.eval_batch_size, self.device)
+        due = (self.epoch + 1) % job.run.eval_every == 0 or self.epoch + 1 == job.optim.epochs
+        val = accuracy(t.target, d.val_x, d.val_y, job.data.eval_batch_size, self.device) if due else None
+        test = accuracy(t.target, d.test_x, d.test_y, job.data.eval_batch_size, self.device) if due else None
         pairs = pair_report(t, d.val_x, d.val_y, self.device)
         record = {"epoch": self.epoch + 1, "step": self.global_step,
                   "lr": cosine_lr(job.optim.lr, self.epoch, job.optim.epochs),
@@ -174,7 +175,7 @@ class LocalRun:
         if not math.isfinite(record["train_loss"]):
             raise TrainingError(f"non-finite training loss in epoch {self.epoch + 1}")
         self.epoch, self.batch = self.epoch + 1, 0
-        if val > self.best["val_acc"]:
+        if val is not None and val > self.best["val_acc"]:
             self.best = {"val_acc": val, "test_acc": test, "epoch": self.epoch}
             save_atomic(self._state(), self.run_dir / "best.pt")
         self.history.append({k: v for k, v in record.items() if k != "pairs"})
@@ -182,9 +183,9 @@ class LocalRun:
         self.save()
         self._emit("on_epoch_end", record)
         if not self.quiet:
+            accs = f"val {val:.2f}% test {test:.2f}% " if due else ""
             print(f"epoch {self.epoch}/{job.optim.epochs}: loss {record['train_loss']:.4f} "
-                  f"train {record['train_acc']:.2f}% val {val:.2f}% test {test:.2f}% "
-                  f"({record['images_per_s']:.0f} img/s)", flush=True)
+                  f"train {record['train_acc']:.2f}% {accs}({record['images_per_s']:.0f} img/s)", flush=True)
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}

@@ -42,13 +42,14 @@ class Progress:
     def update(self, images: int, **fields: float) -> None:
         self.n += 1
         self.images += images
-        if not self.enabled:
-            return
+        tty = self.stream.isatty()
+        if not self.enabled or not tty:
+            return  # in logs (not a terminal) the trainer's one line per epoch is enough
         rate = self.images / max(1e-9, time.perf_counter() - self.start)
         width = 20
         done = int(width * self.n / max(1, self.total))
         info = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
-        end = "\n" if self.n >= self.total or not self.stream.isatty() else ""
+        end = "\n" if self.n >= self.total else ""
         self.stream.write(f"\r{self.desc} [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} "
                           f"{info} {rate:.0f} img/s{end}")
         self.stream.flush()
