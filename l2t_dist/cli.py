@@ -59,6 +59,20 @@ def _add_train(sub) -> None:
     job.set_defaults(func=_cmd_job)
 
 
+def _add_demo(sub) -> None:
+    demo = sub.add_parser("demo", help="the whole method on synthetic data: pretrain sources, transfer, compare")
+    demo.add_argument("--out", default="runs/demo", help="output folder (must be empty or absent)")
+    demo.add_argument("--quick", action="store_true", help="a few epochs only (smoke test)")
+    demo.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from l2t_dist.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2t-dist",
@@ -67,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sources(sub)
     _add_train(sub)
+    _add_demo(sub)
     return parser
 
 
