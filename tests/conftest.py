@@ -21,3 +21,14 @@ def shared_dir() -> Path:
     if path is None:
         pytest.skip("real data folder not found: set L2T_SHARED to the shared/ folder")
     return path
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors gain nothing from threads, and spinning threads slow down on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

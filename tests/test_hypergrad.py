@@ -6,57 +6,19 @@ Checked against central finite differences of the meta-loss for every meta-param
 against brute-force unrolled differentiation, for T = 1, 2, 3 and both modes.
 """
 
-from collections import namedtuple
 
 import pytest
 import torch
 from torch import nn
 
 from l2t_dist.bilevel import SGDHyper, hypergradient, lookahead_loss, unrolled_hypergradient
-from l2t_dist.method import L2TStep, TapInfo, TransferObjective, TransferStudent, resolve_pairs
-
-Tap = namedtuple("Tap", "name channels stride")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and spinning threads slow down on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from l2t_dist.method import L2TStep, TransferObjective, TransferStudent, resolve_pairs
+from tiny_setup import PAIRS, SOURCES, TARGET, TinyTapped
 
 
-class TinyTapped(nn.Module):
-    """Stand-in target following the models contract: taps t0 (4@8x8) and t1 (6@4x4)."""
-
-    def __init__(self, classes=5):
-        super().__init__()
-        self.stage0 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus())
-        self.stage1 = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.GELU())
-        self.fc = nn.Linear(6, classes)
-        self.taps = (Tap("t0", 4, 1), Tap("t1", 6, 2))
-        self.num_classes, self.embedding_dim = classes, 6
-
-    def forward_taps(self, x, taps, logits=True, embedding=False):
-        feats, want = {}, set(taps)
-        h = self.stage0(x)
-        if "t0" in want:
-            feats["t0"] = h
-        if not (logits or embedding or "t1" in want):
-            return None, feats
-        h = self.stage1(h)
-        if "t1" in want:
-            feats["t1"] = h
-        emb = h.mean((2, 3))
-        if embedding:
-            feats["embedding"] = emb
-        return (self.fc(emb) if logits else None), feats
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-SOURCES = {"a": [TapInfo("a1", 3, (8, 8)), TapInfo("a2", 5, (4, 4))], "b": [TapInfo("b1", 4, (8, 8))]}
-TARGET = [TapInfo("t0", 4, (8, 8)), TapInfo("t1", 6, (4, 4))]
-PAIRS = [["a:a1", "t0"], ["a:a1", "t1"], ["a:a2", "t1"], ["b:b1", "t0"]]
 HP = dict(lr=0.3, momentum=0.9, weight_decay=0.05)
 
 
