@@ -74,3 +74,11 @@ def test_dump_roundtrip_and_flatten():
     assert again == job
     flat = flatten(job)
     assert flat["method.beta"] == 0.25 and flat["sources.0.arch"] == "l2t_resnet32"
+
+
+def test_schema_names_match_the_registries():
+    """config.py keeps its own copies (to stay import-light); they must not drift."""
+    from l2t_dist import config, data, models
+
+    assert config.ARCH_NAMES == models.ARCH_NAMES
+    assert config.DATA_KINDS == data.DATA_KINDS

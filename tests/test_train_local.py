@@ -145,3 +145,27 @@ def test_cli_train_exit_codes(tmp_path, source_ckpt):
     assert summary["epochs"] == 1 and summary["method"] == "scratch"
     bad = subprocess.run(cmd[:-1] + ["method.bta=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "method.bta" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("over,error,needle", [
+    ({"target__taps": ["layer9.9"]}, ConfigError, "layer9.9"),
+    ({"data__kind": "cifar10", "data__path": "/nonexistent/cifar"}, "DataError", "cifar-10-batches-py"),
+    ({"method__pairs": [["s:layer3.2", "layer7.0"]]}, ConfigError, "layer7.0"),
+])
+def test_bad_job_inputs_fail_before_training_with_clear_errors(tmp_path, source_ckpt, over, error, needle):
+    from l2t_dist.errors import DataError
+
+    error = DataError if error == "DataError" else error
+    with pytest.raises(error) as err:
+        train_local(small_job(tmp_path, source_ckpt, **over))
+    assert needle in str(err.value)
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_missing_source_checkpoint_is_a_clear_error(tmp_path, source_ckpt):
+    from l2t_dist.errors import CheckpointError
+
+    job = small_job(tmp_path, source_ckpt)
+    job.sources[0].checkpoint = str(tmp_path / "gone.pt")
+    with pytest.raises(CheckpointError, match="gone.pt"):
+        train_local(job)
