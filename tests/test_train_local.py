@@ -169,3 +169,17 @@ def test_missing_source_checkpoint_is_a_clear_error(tmp_path, source_ckpt):
     job.sources[0].checkpoint = str(tmp_path / "gone.pt")
     with pytest.raises(CheckpointError, match="gone.pt"):
         train_local(job)
+
+
+@pytest.mark.parametrize("method,pairs", [("lwf", None), ("at", None), ("fm", "one_to_one"), ("l2t_w", None),
+                                          ("l2t_ww", [["s:2", "5"], ["s:layer3.2", "layer3.2"]])])
+def test_every_method_trains_from_a_job(tmp_path, source_ckpt, method, pairs):
+    over = {"method__name": method, "optim__epochs": 1}
+    if pairs is not None:
+        over["method__pairs"] = pairs
+    summary = train_local(small_job(tmp_path, source_ckpt, **over))
+    assert summary["epochs"] == 1 and 0.0 <= summary["best_val_acc"] <= 100.0
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=False)["trainer"]
+    assert (state["phi"] is not None) == method.startswith("l2t")
+    if method == "l2t_ww" and pairs is not None:
+        assert sorted(summary["pairs"]) == ["s:layer1.2->layer2.2", "s:layer3.2->layer3.2"]
