@@ -46,8 +46,11 @@ def _add_train(sub) -> None:
     tr = sub.add_parser("train", help="train a target network with a transfer method")
     tr.add_argument("job", nargs="?", help="job YAML file (omit for the embedded defaults)")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. method.beta=1.0")
-    tr.add_argument("--backend", choices=("local",), default="local",
-                    help="local: one process, no Ray")
+    tr.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="local: one process, no Ray; ray: data-parallel workers on Ray Train, served sources "
+                         "(the job's cluster section; see docs/distributed.md)")
+    tr.add_argument("--address", default=None,
+                    help="with --backend ray: the Ray cluster to join (same as cluster.address=...)")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
@@ -148,7 +151,12 @@ def _cmd_train(args) -> int:
     from l2t_dist.train.local import train_local
 
     job = load_job(*_job_and_overrides(args)) if not args.resume else None
-    summary = train_local(job, resume=args.resume, quiet=args.quiet)
+    if args.backend == "ray":
+        from l2t_dist.distributed.launcher import train_ray  # imports Ray only here
+
+        summary = train_ray(job, resume=args.resume, quiet=args.quiet, address=args.address)
+    else:
+        summary = train_local(job, resume=args.resume, quiet=args.quiet)
     if args.json:
         print(json.dumps(summary))
     return 0

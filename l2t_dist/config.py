@@ -139,6 +139,49 @@ class RunConfig(_Section):
     eval_every: int = Field(1, ge=1, description="evaluate val and test every k epochs (and after the last)")
 
 
+class ClusterConfig(_Section):
+    """Where and how `--backend ray` runs (ignored by the local backend). See docs/distributed.md."""
+
+    address: Optional[str] = Field(
+        None, description="Ray cluster: None starts a local Ray (or joins $RAY_ADDRESS, e.g. under "
+                          "`ray job submit`); 'auto', HOST:PORT or ray://HOST:10001 joins a running one")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the local Ray that the command starts; "
+                                                            "default: every core")
+    workers: int = Field(2, ge=1, description="data-parallel train workers; the global batch is split among them")
+    cpus_per_worker: Optional[float] = Field(
+        None, gt=0, description="CPUs per worker (fractions allowed); default: fit the free CPUs")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions allowed)")
+    worker_resources: dict[str, float] = Field(default_factory=dict,
+                                               description="custom Ray resources per worker (pins workers to nodes)")
+    sources_mode: Literal["served", "colocated"] = Field(
+        "served", description="served: one Ray actor per source (and replica) streams features to the workers; "
+                              "colocated: every worker runs the sources itself")
+    source_actors: int = Field(1, ge=1, description="actors (replicas) per source; worker r uses replica r mod k")
+    cpus_per_source_actor: Optional[float] = Field(
+        None, gt=0, description="CPUs per source actor (fractions allowed); default: fit the free CPUs")
+    gpus_per_source_actor: float = Field(0.0, ge=0, description="GPUs per source actor (fractions allowed)")
+    source_resources: dict[str, float] = Field(default_factory=dict,
+                                               description="custom Ray resources per source actor")
+    feature_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="transport dtype of served features")
+    prefetch: int = Field(1, ge=0, le=8, description="batches of features requested ahead of the step")
+    sync_bn: bool = Field(False, description="synchronised batch norm (not supported; per-worker statistics)")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
+    actor_max_restarts: int = Field(2, ge=0, description="restarts of a dead source actor (requests are retried)")
+    request_timeout_s: float = Field(300.0, gt=0, description="longest wait for one batch of served features")
+    start_timeout_s: float = Field(120.0, gt=0, description="longest wait for source actors to load")
+    storage_path: Optional[str] = Field(
+        None, description="Ray Train checkpoint storage (shared storage on multi-node); default OUT_DIR/NAME/ray")
+
+    @field_validator("sync_bn")
+    @classmethod
+    def _no_sync_bn(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("sync_bn=true is not supported: the hyper-gradient differentiates twice through "
+                             "batch norm, which torch's SyncBatchNorm (CUDA only) cannot; batch norm uses "
+                             "per-worker statistics, averaged across workers before evaluation and checkpoints")
+        return v
+
+
 class JobConfig(_Section):
     data: DataConfig = DataConfig()
     sources: list[SourceConfig] = Field(default_factory=list)
@@ -147,6 +190,7 @@ class JobConfig(_Section):
     optim: OptimConfig = OptimConfig()
     meta: MetaConfig = MetaConfig()
     run: RunConfig = RunConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _sources_fit_method(self):

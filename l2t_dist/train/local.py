@@ -59,8 +59,11 @@ def pair_report(trainee: Trainee, x: torch.Tensor, y: torch.Tensor, device: torc
 class LocalRun:
     """State of one run and the loop over it; `run()` returns the summary dict."""
 
-    def __init__(self, job: JobConfig, run_dir: Path, quiet: bool = False, callbacks: Sequence = ()):
+    def __init__(self, job: JobConfig, run_dir: Path, quiet: bool = False, callbacks: Sequence = (),
+                 sources: Optional[list] = None):
         self.job, self.run_dir, self.quiet = job, run_dir, quiet
+        # Only the writer saves checkpoints and the metrics log (data parallel: rank 0 only).
+        self.writer = True
         # Edges (experiment tracking, Ray reporting) hook in here; the loop itself knows none of them.
         # Each callback may define on_start(run), on_epoch_end(run, record), on_end(run, summary).
         self.callbacks = list(callbacks)
@@ -69,7 +72,10 @@ class LocalRun:
         self.device = pick_device(job.run.device)
         torch.manual_seed(job.run.seed)
         self.data: TaskData = prepare_data(job.data)
-        self.trainee = build_trainee(job, self.data.num_classes, self.device)
+        # `sources`: pre-built LoadedSources, or a factory called here, where they would be loaded,
+        # so that the target's initialisation sees the same RNG state (served mode builds skeletons).
+        self.trainee = build_trainee(job, self.data.num_classes, self.device,
+                                     sources=sources() if callable(sources) else sources)
         self.log = JsonlLog(run_dir / "metrics.jsonl")
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.best = {"val_acc": -1.0, "test_acc": None, "epoch": None}
@@ -95,7 +101,8 @@ class LocalRun:
         }
 
     def save(self) -> None:
-        save_atomic(self._state(), self.run_dir / "last.pt")
+        if self.writer:
+            save_atomic(self._state(), self.run_dir / "last.pt")
 
     def restore(self, state: dict) -> None:
         tr, t = state["trainer"], self.trainee
@@ -106,14 +113,13 @@ class LocalRun:
         self.epoch, self.batch, self.global_step = tr["epoch"], tr["batch"], tr["global_step"]
         self.best, self.history, self.sums = tr["best"], tr["history"], tr["sums"]
         set_rng_state(tr["rng"])
-        self.log.truncate_after(self.epoch, self.global_step)
+        if self.writer:
+            self.log.truncate_after(self.epoch, self.global_step)
 
     # ---- the loop
     def run(self) -> dict:
         job, t = self.job, self.trainee
-        n_batches = batches_per_epoch(len(self.data.train_y), job.data.batch_size)
-        if job.run.max_iters_per_epoch:
-            n_batches = min(n_batches, job.run.max_iters_per_epoch)
+        n_batches = self._batches_per_epoch()
         self._emit("on_start")
         while self.epoch < job.optim.epochs:
             self._train_epoch(n_batches)
@@ -121,6 +127,26 @@ class LocalRun:
         summary = self.summary()
         self._emit("on_end", summary)
         return summary
+
+    def _batches_per_epoch(self) -> int:
+        n_batches = batches_per_epoch(len(self.data.train_y), self.job.data.batch_size)
+        if self.job.run.max_iters_per_epoch:
+            n_batches = min(n_batches, self.job.run.max_iters_per_epoch)
+        return n_batches
+
+    def _batches(self, start: int):
+        """The epoch's global batches (index, uint8 images, labels) from batch `start` on."""
+        job = self.job
+        return epoch_batches(self.data.train_x, self.data.train_y, batch_size=job.data.batch_size,
+                             seed=job.run.seed, epoch=self.epoch, augment=job.data.augment, start=start)
+
+    def _step(self, b: int, xb: torch.Tensor, yb: torch.Tensor) -> dict:
+        """One iteration on global batch b; returns the batch's mean metrics (a data-parallel
+        subclass runs its shard and averages the metrics over ranks)."""
+        from l2t_dist.data import normalize
+
+        x, y = normalize(xb).to(self.device), yb.to(self.device)
+        return self.trainee.step(x, y, self.trainee.bank.features(x))
 
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
@@ -130,8 +156,6 @@ class LocalRun:
 
     def _train_epoch(self, n_batches: int) -> None:
         job, t = self.job, self.trainee
-        from l2t_dist.data import normalize
-
         t.step.set_lr(cosine_lr(job.optim.lr, self.epoch, job.optim.epochs))
         bar = Progress(n_batches - self.batch, f"epoch {self.epoch + 1}/{job.optim.epochs}", quiet=self.quiet)
         if self.batch == 0:
@@ -139,14 +163,11 @@ class LocalRun:
         sums = self.sums
         started = time.perf_counter()
         images = 0
-        for b, xb, yb in epoch_batches(self.data.train_x, self.data.train_y, batch_size=job.data.batch_size,
-                                       seed=job.run.seed, epoch=self.epoch, augment=job.data.augment,
-                                       start=self.batch):
+        for b, xb, yb in self._batches(self.batch):
             if b >= n_batches:
                 break
-            x, y = normalize(xb).to(self.device), yb.to(self.device)
             try:
-                m = t.step(x, y, t.bank.features(x))
+                m = self._step(b, xb, yb)
             except TrainingError as err:
                 raise TrainingError(f"{err}\nstopped in epoch {self.epoch + 1}, batch {b + 1}; the last good "
                                     f"checkpoint is kept at {self.run_dir / 'last.pt'}") from None
@@ -177,9 +198,11 @@ class LocalRun:
         self.epoch, self.batch = self.epoch + 1, 0
         if val is not None and val > self.best["val_acc"]:
             self.best = {"val_acc": val, "test_acc": test, "epoch": self.epoch}
-            save_atomic(self._state(), self.run_dir / "best.pt")
+            if self.writer:
+                save_atomic(self._state(), self.run_dir / "best.pt")
         self.history.append({k: v for k, v in record.items() if k != "pairs"})
-        self.log.write(record)
+        if self.writer:
+            self.log.write(record)
         self.save()
         self._emit("on_epoch_end", record)
         if not self.quiet:

@@ -1,0 +1,220 @@
+"""`l2t-dist train JOB --backend ray`: connect, plan resources, serve sources, fit, collect.
+
+1. connect: a local Ray (started here with an explicit CPU count), or cluster.address
+   (probed first, so an unreachable address fails in seconds, not at a Ray timeout);
+2. plan and check resources (distributed/resources.py): a job that cannot be placed fails
+   before anything starts, naming what it asked for and what the cluster has;
+3. served mode: start the source actors and wait for them to load (bounded wait);
+4. a Ray Train TorchTrainer runs distributed/worker.py on cluster.workers workers, with
+   FailureConfig(max_failures) and checkpoints reported every epoch;
+5. the run directory ends up as with the local backend (job.yaml, metrics.jsonl, last.pt,
+   best.pt); on a multi-node cluster without shared storage the driver copies the latest
+   checkpoint back into it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+from l2t_dist.config import JobConfig, dump_job, parse_job
+from l2t_dist.errors import CheckpointError, ConfigError, L2TError, TrainingError
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.train  # noqa: F401
+        from ray.train.torch import TorchTrainer  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"--backend ray needs Ray Train ({exc}); install it with "
+                          "`pip install \"ray[default,train]==2.60.0\"`, or use --backend local") from None
+    return ray
+
+
+def _probe(address: str) -> None:
+    """Fail in seconds when nothing listens at HOST:PORT (ray.init would retry for a minute)."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"cluster.address={address!r} must be 'auto', HOST:PORT (the head's GCS, e.g. "
+                          "10.0.0.1:6379) or ray://HOST:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at cluster.address={address!r} ({exc}); start it with "
+                          "`ray start --head` on the head node, check host and port, or leave cluster.address "
+                          "unset to start a local Ray") from None
+
+
+def connect(cluster, quiet: bool = False) -> bool:
+    """Join or start Ray; True when this call did (so the caller shuts it down)."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return False
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            _probe(address)
+            ray.init(address=address, log_to_driver=not quiet)
+        else:
+            ray.init(num_cpus=cluster.num_cpus or os.cpu_count() or 1, log_to_driver=not quiet)
+    except L2TError:
+        raise
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'!r}: {exc}") from None
+    return True
+
+
+def cluster_snapshot():
+    """(free, total, per-node totals) restricted to schedulable resources."""
+    import ray
+
+    def keep(res: dict) -> dict:
+        return {k: float(v) for k, v in res.items()
+                if not k.startswith("node:") and k not in ("memory", "object_store_memory")
+                and not k.startswith("accelerator_type")}
+
+    nodes = [keep(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    return keep(ray.available_resources()), keep(ray.cluster_resources()), nodes
+
+
+def _prepare_run_dir(job: Optional[JobConfig], resume: Optional[str]) -> tuple[JobConfig, Path, Optional[bytes]]:
+    from l2t_dist.train.checkpoint import load_training_state
+
+    if resume:
+        run_dir = Path(resume).resolve()
+        state = load_training_state(run_dir / "last.pt")
+        job = parse_job(state["trainer"]["job"], where=f"checkpoint {run_dir / 'last.pt'}")
+        return job, run_dir, (run_dir / "last.pt").read_bytes()
+    assert job is not None
+    run_dir = (Path(job.run.out_dir) / job.run.name).resolve()
+    if (run_dir / "last.pt").exists():
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; continue it with "
+                          f"`--resume {run_dir}`, or pick another run.name (run.name=NEW)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.yaml").write_text(dump_job(job))
+    return job, run_dir, None
+
+
+def _unwrap_failure(err: BaseException, max_failures: int) -> L2TError:
+    failures = getattr(err, "worker_failures", None) or {}
+    first = failures.get(0, next(iter(failures.values()), None)) if failures else None
+    cause = first
+    while cause is not None and not isinstance(cause, L2TError) and getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    if isinstance(cause, L2TError):
+        return type(cause)(str(cause))
+    detail = str(first or getattr(err, "controller_failure", None) or err).strip().splitlines()
+    return TrainingError(f"distributed training failed (after up to cluster.max_failures={max_failures} restarts): "
+                         + (detail[-1] if detail else type(err).__name__))
+
+
+def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: bool = False,
+              address: Optional[str] = None) -> dict:
+    """Train on Ray (or resume RUN_DIR); returns the summary of the local backend plus Ray fields.
+    `address` overrides cluster.address (the CLI's --address)."""
+    job, run_dir, resume_bytes = _prepare_run_dir(job, resume)
+    if address:
+        job.cluster.address = address
+    cc = job.cluster
+    if job.data.batch_size < 2 * cc.workers:
+        raise ConfigError(f"data.batch_size={job.data.batch_size} is too small for cluster.workers={cc.workers}: "
+                          f"every worker needs a shard of at least 2 images")
+    ray = _import_ray()
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from l2t_dist.distributed.resources import check_placement, plan_resources
+    from l2t_dist.distributed.worker import train_loop_per_worker
+
+    started_ray = connect(cc, quiet=quiet)
+    handles: dict = {}
+    try:
+        free, total, nodes = cluster_snapshot()
+        plan = plan_resources(cc, len(job.sources), free)
+        check_placement(plan, free, total, nodes)
+        if not quiet:
+            print(f"[ray] plan: {plan.describe()}; cluster free: {free}", flush=True)
+        config = {"job": job.model_dump(mode="json"), "run_dir": str(run_dir), "quiet": quiet,
+                  "threads": job.run.threads or plan.worker_threads, "served": plan.actors is not None}
+        if plan.actors is not None:
+            from l2t_dist.distributed.serving import start_source_actors
+
+            t0 = time.perf_counter()
+            handles, infos = start_source_actors([s.model_dump(mode="json") for s in job.sources], cc.source_actors,
+                                                 plan.actors.resources, plan.actor_threads, cc.actor_max_restarts,
+                                                 cc.start_timeout_s)
+            config.update(source_handles=handles, source_infos=[infos[s.name] for s in job.sources])
+            source_nodes = {n: i["node_id"] for n, i in infos.items()}
+            if not quiet:
+                where = ", ".join(f"{n}@{i['node']}" for n, i in infos.items())
+                print(f"[ray] source actors ready in {time.perf_counter() - t0:.1f}s: {where}", flush=True)
+        if resume_bytes is not None:
+            config["resume_state"] = ray.put(resume_bytes)
+        worker_res = dict(plan.workers.resources)
+        use_gpu = worker_res.get("GPU", 0) > 0
+        storage = Path(cc.storage_path).resolve() if cc.storage_path else run_dir / "ray"
+        ray_name = f"{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=config,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cc.workers, use_gpu=use_gpu, resources_per_worker=worker_res),
+            run_config=RunConfig(name=ray_name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=cc.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 logging_config=LoggingConfig(log_level="WARNING"),
+                                 # Ray's print patch would log every line of the workers twice
+                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
+        try:
+            result = trainer.fit()
+        except L2TError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray's failure types: unwrap to the user's error
+            from ray.train import TrainingFailedError
+
+            if isinstance(exc, TrainingFailedError):
+                raise _unwrap_failure(exc, cc.max_failures) from None
+            raise
+        summary = _collect(result, run_dir)
+        summary["ray_storage"] = str(storage / ray_name)
+        if handles:
+            from l2t_dist.distributed.serving import actor_stats
+
+            summary["source_actors"] = actor_stats(handles)
+            summary["source_nodes"] = source_nodes
+        return summary
+    finally:
+        if handles:
+            from l2t_dist.distributed.serving import stop_source_actors
+
+            stop_source_actors(handles)
+        if started_ray:
+            ray.shutdown()
+
+
+def _collect(result, run_dir: Path) -> dict:
+    """Make sure the driver's run directory holds the outputs, and return rank 0's summary."""
+    if not (run_dir / "last.pt").exists() and result.checkpoint is not None:
+        result.checkpoint.to_directory(str(run_dir))  # multi-node without shared storage
+    if not (run_dir / "last.pt").exists():
+        raise CheckpointError(f"the Ray run finished but left no checkpoint in {str(run_dir)!r}")
+    summary = getattr(result, "return_value", None)
+    if not isinstance(summary, dict):
+        import torch
+
+        tr = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["trainer"]
+        last = tr["history"][-1] if tr["history"] else {}
+        summary = {"run_dir": str(run_dir), "method": tr["job"]["method"]["name"], "epochs": tr["epoch"],
+                   "best_val_acc": tr["best"]["val_acc"], "test_acc_at_best_val": tr["best"]["test_acc"],
+                   "best_epoch": tr["best"]["epoch"], "final_val_acc": last.get("val_acc"),
+                   "final_test_acc": last.get("test_acc"), "images_per_s": last.get("images_per_s")}
+    summary["run_dir"] = str(run_dir)
+    return summary
