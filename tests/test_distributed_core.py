@@ -144,14 +144,7 @@ def test_cluster_section_defaults_and_errors():
 
 # ---- processes: imports and the CLI's fast failures ----------------------------------------
 
-BLOCK = """
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('ray', 'mlflow'):
-            raise ImportError('blocked for this test: ' + name)
-sys.meta_path.insert(0, Block())
-"""
+from test_imports import BLOCK  # blocks `import ray` / `import mlflow` in a subprocess
 
 
 def test_data_parallel_modules_import_without_ray():
