@@ -182,6 +182,23 @@ class ClusterConfig(_Section):
         return v
 
 
+class TrackingConfig(_Section):
+    """MLflow experiment tracking and model registry, written by rank 0 only. See docs/tracking.md."""
+
+    enabled: Optional[bool] = Field(
+        None, description="None: track when mlflow is importable (the `l2t-dist` command); true: require it; "
+                          "false: no tracking")
+    uri: Optional[str] = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+                          "working directory (registry included, no server)")
+    experiment: str = Field("l2t-dist", min_length=1, description="MLflow experiment of the run")
+    registered_model: Optional[str] = Field(
+        None, description="register the final target model under this name; the alias 'champion' moves to it "
+                          "only when its val accuracy beats the current champion's")
+    heatmap_every: int = Field(1, ge=0, description="log the λ heat-map PNG every k epochs (0: at the end only)")
+    log_checkpoint: bool = Field(True, description="log the final checkpoint (last.pt) as an artifact")
+
+
 class JobConfig(_Section):
     data: DataConfig = DataConfig()
     sources: list[SourceConfig] = Field(default_factory=list)
@@ -191,6 +208,7 @@ class JobConfig(_Section):
     meta: MetaConfig = MetaConfig()
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _sources_fit_method(self):
