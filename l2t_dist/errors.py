@@ -9,6 +9,10 @@ class L2TError(Exception):
     """Base class: the message is shown to the user as-is, without a traceback."""
 
     exit_code = 2
+    # False: the same input fails the same way again, so a distributed runner stops at once
+    # instead of restarting workers. True: the failure may not repeat, or concerns one worker
+    # only (a source service that died or timed out), so Ray Train's restart policy handles it.
+    retryable = False
 
 
 class ConfigError(L2TError):

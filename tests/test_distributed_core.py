@@ -41,7 +41,9 @@ def _worker(rank, world, tmp, ckpt):
     import torch.distributed as dist
 
     from l2t_dist.distributed.allreduce import GradAverager, broadcast_, flat_all_reduce_, replica_max_diff
-    from l2t_dist.distributed.dataparallel import DataParallelRun
+    from l2t_dist.distributed.dataparallel import DataParallelRun, raise_on_all_ranks
+    from l2t_dist.errors import CheckpointError
+    from l2t_dist.train.local import accuracy
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
@@ -60,12 +62,29 @@ def _worker(rank, world, tmp, ckpt):
     assert replica_max_diff(x) == 1.0
     broadcast_(x, src=0)
     assert replica_max_diff(x) == 0.0 and torch.equal(x[0], torch.zeros(3))
-    # the loop: batches of 15 (shards 8 and 7), colocated source, checkpoints every iteration
+    # an error on one rank only is raised by every rank (nobody is left in a collective)
+    raise_on_all_ranks(None)
+    try:
+        raise_on_all_ranks(CheckpointError("missing on node 1") if rank == 1 else None)
+        raise AssertionError("raise_on_all_ranks did not raise")
+    except CheckpointError as err:
+        assert str(err) == "missing on node 1"
+    # the loop: batches of 15 (shards 8 and 7), colocated source, checkpoints every iteration;
+    # not quiet, with the output in files: rank 0 prints progress lines
+    import sys
+
+    sys.stdout = sys.stderr = open(f"{tmp}/out{rank}.txt", "w")
     job = parse_job(_job_tree(tmp, ckpt))
     run = DataParallelRun(job, __import__("pathlib").Path(tmp) / "dp", rank=rank, world=world)
     summary = run.run()
+    sys.stdout.flush()
+    d = run.data  # one process, the whole split: what the sharded evaluation must equal
+    full = {k: accuracy(run.trainee.target, x, y, 7, run.device)
+            for k, x, y in (("val", d.val_x, d.val_y), ("test", d.test_x, d.test_y))}
     torch.save({"theta": {n: p.detach() for n, p in run.trainee.objective.student.named_parameters()},
                 "phi": {n: p.detach() for n, p in run.trainee.objective.meta.named_parameters()},
+                "buffers": {n: b.detach() for n, b in run.trainee.objective.student.named_buffers()},
+                "full": full, "sizes": d.sizes(),
                 "summary": summary, "calls": avg.calls, "reduces": run.averager.calls}, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -94,12 +113,22 @@ def test_data_parallel_loop_on_gloo_equals_the_simulation_with_unequal_shards(tm
             assert torch.equal(r0[k][name], r1[k][name]), name  # identical replicas
     assert r0["summary"]["replica_max_diff"] == 0.0
     sim = simulate_data_parallel(parse_job(_job_tree(tmp_path / "sim", source_ckpt)), world=2, iterations=3)
-    for k in ("theta", "phi"):
+    for k in ("theta", "phi", "buffers"):  # buffers: BN running statistics averaged over the ranks
+        assert sim[k]
         for name, ref in sim[k].items():
             torch.testing.assert_close(r0[k][name], ref, rtol=0, atol=1e-5, msg=name)
+    # sharded evaluation (each rank counts its shard) equals one process on the whole split
+    assert r0["sizes"]["val"] >= 3 and r0["sizes"]["test"] >= 3
+    assert r0["summary"]["final_val_acc"] == r0["full"]["val"] == r1["full"]["val"]
+    assert r0["summary"]["final_test_acc"] == r0["full"]["test"]
     # rank 0 alone wrote the run directory; the log has one row for the one epoch
     assert (tmp_path / "dp" / "last.pt").exists()
     assert len((tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()) == 1
+    # progress: rank 0 prints a line every tenth of the epoch (here every batch but the last)
+    lines = [line for line in (tmp_path / "out0.txt").read_text().splitlines() if line.startswith("[rank0]")]
+    assert [line.split(" loss ")[0] for line in lines] == ["[rank0] epoch 1/1 batch 1/3", "[rank0] epoch 1/1 batch 2/3"]
+    assert all(" acc " in line and line.endswith(" img/s") for line in lines), lines
+    assert "[rank0]" not in (tmp_path / "out1.txt").read_text() and "epoch 1/1:" in (tmp_path / "out0.txt").read_text()
 
 
 # ---- resource planning ------------------------------------------------------------------

@@ -8,11 +8,14 @@ object store between raylets. Two runs of the same two-source job are made:
   iterations equal a one-process simulation of the data-parallel algorithm);
 - the fault run: a source actor and then a train worker are SIGKILLed mid-run; the run
   restarts from the last checkpoint and ends exactly where the reference run ended.
+User errors are not retried: a NaN run ends at once with the local backend's message, and a
+bad checkpoint fails before any worker starts (colocated) or when the actors load (served).
 """
 
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -36,8 +39,12 @@ def cluster(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     tmp = tmp_path_factory.mktemp("ray")
+    with socket.socket() as s:  # not 8265: another Ray with a dashboard may run on this machine
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"src_node": 4},
-                                                      "include_dashboard": True, "temp_dir": str(tmp)})
+                                                      "include_dashboard": True, "dashboard_port": dashboard_port,
+                                                      "temp_dir": str(tmp)})
     c.add_node(num_cpus=1, resources={"train_node": 4})
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
@@ -151,6 +158,22 @@ def test_two_ray_workers_equal_one_process_simulation(reference, ckpts):
         torch.testing.assert_close(state["student"][name], ref, rtol=0, atol=1e-5, msg=name)
     for name, ref in sim["phi"].items():
         torch.testing.assert_close(state["phi"][name], ref, rtol=0, atol=1e-5, msg=name)
+    # BN running statistics: each worker's own, averaged over the workers before evaluation
+    assert sim["buffers"]
+    for name, ref in sim["buffers"].items():
+        torch.testing.assert_close(state["student"][name], ref, rtol=0, atol=1e-5, msg=name)
+    # evaluation is sharded over the workers; the accuracy is one process's on the whole split
+    from l2t_dist.models import build_model
+    from l2t_dist.train.data_pipeline import prepare_data
+    from l2t_dist.train.local import accuracy
+
+    data = prepare_data(job.data)
+    model = build_model(job.target.arch, data.num_classes)
+    model.load_state_dict(torch.load(ckpt / "last.pt", map_location="cpu", weights_only=False)["state_dict"])
+    [epoch1] = [h for h in state["history"] if h["epoch"] == 1]
+    assert len(data.val_y) >= 2 and len(data.test_y) >= 2
+    assert epoch1["val_acc"] == accuracy(model, data.val_x, data.val_y, 1000, torch.device("cpu"))
+    assert epoch1["test_acc"] == accuracy(model, data.test_x, data.test_y, 1000, torch.device("cpu"))
     # the check has teeth: one rank on the whole batch is a different trajectory
     one = simulate_data_parallel(job, world=1, iterations=3)
     assert max((one["phi"][k] - sim["phi"][k]).abs().max().item() for k in sim["phi"]) > 1e-5
@@ -234,10 +257,104 @@ def test_unplaceable_job_fails_fast_with_what_was_asked_and_what_exists(cluster,
     assert time.perf_counter() - t0 < 10
 
 
+def _local_error(tree, tmp_path):
+    """What --backend local says about the same job."""
+    from l2t_dist.errors import L2TError
+    from l2t_dist.train.local import train_local
+
+    tree = {**tree, "run": {**tree["run"], "out_dir": str(tmp_path / "local")}}
+    with pytest.raises(L2TError) as err:
+        train_local(parse_job(tree), quiet=True)
+    return err.value
+
+
+def _bad_sources(tmp_path, ckpts):
+    """A checkpoint that is missing, and one saved from another architecture."""
+    missing = {"name": "b", "arch": "vgg9_bn", "checkpoint": str(tmp_path / "not-on-this-node.pt"), "taps": [2]}
+    wrong = {"name": "b", "arch": "vgg9_bn", "checkpoint": ckpts["a"], "taps": [2]}
+    return {"missing": missing, "wrong arch": wrong}
+
+
 def test_source_that_fails_to_load_is_a_clear_error(cluster, ckpts, tmp_path):
+    """Served: the actors load the checkpoints; their loader's error reaches the user."""
     from l2t_dist.distributed.launcher import train_ray
 
-    tree = job_tree(tmp_path, ckpts, "missing")
-    tree["sources"][1]["checkpoint"] = str(tmp_path / "not-on-this-node.pt")
-    with pytest.raises(CheckpointError, match="not-on-this-node.pt.*does not exist"):
-        train_ray(parse_job(tree), quiet=True)
+    for what, bad in _bad_sources(tmp_path, ckpts).items():
+        tree = job_tree(tmp_path, ckpts, "served-bad")
+        tree["sources"][1] = bad
+        local = _local_error(tree, tmp_path)
+        assert type(local) is CheckpointError, local
+        with pytest.raises(CheckpointError) as err:
+            train_ray(parse_job(tree), quiet=True)
+        assert str(local) in str(err.value), (what, str(err.value))  # prefixed with the source's name
+
+
+def test_colocated_bad_checkpoint_fails_on_the_driver_before_any_worker(cluster, ckpts, tmp_path):
+    """Colocated: the driver loads the sources first (zoo's strict loader), so the error is the
+    local backend's, in seconds, and no Ray Train run is started."""
+    from l2t_dist.distributed.launcher import train_ray
+
+    for what, bad in _bad_sources(tmp_path, ckpts).items():
+        tree = job_tree(tmp_path, ckpts, "colo-bad", sources_mode="colocated")
+        tree["sources"][1] = bad
+        local = _local_error(tree, tmp_path)
+        t0 = time.perf_counter()
+        with pytest.raises(CheckpointError) as err:
+            train_ray(parse_job(tree), quiet=True)
+        assert str(err.value) == str(local), what
+        assert time.perf_counter() - t0 < 15, what
+        assert not (tmp_path / "colo-bad" / "ray").exists()  # Ray Train never ran
+
+
+def test_nan_loss_is_not_retried_and_reports_like_the_local_backend(cluster, tmp_path):
+    """A non-finite loss is deterministic: with cluster.max_failures=2 the run still ends at
+    once (one worker group, no restart), with the local backend's message and exit code, and
+    the last good checkpoint kept."""
+    import contextlib
+    import io
+    import re
+
+    import yaml
+
+    from l2t_dist.cli import main
+
+    tree = job_tree(tmp_path, {"a": "", "b": ""}, "nan")
+    tree.update(sources=[], method={"name": "scratch"}, optim={"lr": 1e12, "epochs": 2})
+    tree["run"]["checkpoint_every"] = 1
+    messages, codes = {}, {}
+    for backend in ("local", "ray"):
+        job_file = tmp_path / f"{backend}.yaml"
+        job_file.write_text(yaml.safe_dump({**tree, "run": {**tree["run"], "out_dir": str(tmp_path / backend)}}))
+        seen: set = set()
+        done = threading.Event()
+        t0 = time.time()
+
+        def watch():  # every Ray Train worker process that runs during the call
+            while not done.is_set():
+                for p in _our_processes("ray::RayTrainWorker"):
+                    with contextlib.suppress(psutil.Error):
+                        if p.create_time() >= t0 - 1:
+                            seen.add(p.pid)
+                time.sleep(0.1)
+
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            codes[backend] = main(["train", str(job_file), "--backend", backend, "--quiet"])
+        done.set()
+        th.join(timeout=5)
+        print(backend, f"{time.time() - t0:.1f}s", "worker pids:", sorted(seen))
+        run_dir = str((tmp_path / backend / "nan").resolve() if backend == "ray" else tmp_path / backend / "nan")
+        messages[backend] = err.getvalue().replace(run_dir, "RUN_DIR")
+        if backend == "ray":
+            assert len(seen) == 2, seen  # one group of 2 workers: no restart
+        # the last good checkpoint: written before the failing iteration, kept as it was
+        state = _trainer_state(tmp_path / backend / "nan" / "last.pt")
+        stopped = int(re.search(r"stopped in epoch 1, batch (\d+)", messages[backend]).group(1))
+        assert state["global_step"] == stopped - 1, (state["global_step"], messages[backend])
+    assert codes == {"local": 3, "ray": 3}
+    assert "error: non-finite loss" in messages["ray"] and "RUN_DIR/last.pt" in messages["ray"], messages
+    # the values in parentheses are the shard's on Ray, the whole batch's locally
+    same = [re.sub(r"\(loss [^)]*\)", "(...)", m) for m in (messages["local"], messages["ray"])]
+    assert same[0] == same[1], messages

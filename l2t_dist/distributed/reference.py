@@ -4,6 +4,8 @@ Written against the method's pieces (objective, SGD step, hyper-gradient), not a
 L2TStep, so that it checks the distributed loop rather than repeating it: per iteration, every
 shard's real-step gradient is taken at the same θ and the gradients are averaged (weighted by
 shard size); then every shard's look-ahead hyper-gradient is taken at the new θ and averaged.
+Batch norm: each rank keeps its own running statistics (updated by its shard's real-step
+forward), and the run averages them over ranks before evaluating; so does the simulation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def _weighted_sum(acc, grads, w):
 def simulate_data_parallel(job: JobConfig, world: int, iterations: int,
                            device: str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
     """θ and φ (by parameter name, as in the student's and the meta-networks' state dicts, on
-    the CPU) after `iterations` data-parallel iterations of epoch 0 on `world` ranks."""
+    the CPU) after `iterations` data-parallel iterations of epoch 0 on `world` ranks, and the
+    student's floating-point buffers (BN running statistics) averaged over the ranks."""
     from l2t_dist.bilevel import grads_of, hypergradient, sgd_step_
     from l2t_dist.data import normalize
     from l2t_dist.method.functional import preserved_buffers
@@ -37,6 +40,8 @@ def simulate_data_parallel(job: JobConfig, world: int, iterations: int,
     tr = build_trainee(job, data.num_classes, dev)
     obj, step = tr.objective, tr.step
     step.set_lr(cosine_lr(job.optim.lr, 0, job.optim.epochs))
+    buffers = dict(obj.student.named_buffers())
+    per_rank = [{n: b.clone() for n, b in buffers.items()} for _ in range(world)]  # each rank's own BN stats
     for b, xb, yb in epoch_batches(data.train_x, data.train_y, batch_size=job.data.batch_size,
                                    seed=job.run.seed, epoch=0, augment=job.data.augment):
         if b >= iterations:
@@ -48,8 +53,12 @@ def simulate_data_parallel(job: JobConfig, world: int, iterations: int,
             x = normalize(xb[lo:hi]).to(dev)
             shards.append((obj.prepare(x, yb[lo:hi].to(dev), tr.bank.features(x)), (hi - lo) / len(yb)))
         total = None
-        for batch, w in shards:  # every shard's gradient at the same θ
-            loss, _, _ = obj.real_loss(batch)
+        for r, (batch, w) in enumerate(shards):  # every shard's gradient at the same θ
+            with torch.no_grad():
+                for n, buf in buffers.items():
+                    buf.copy_(per_rank[r][n])
+            loss, _, _ = obj.real_loss(batch)  # updates rank r's running statistics
+            per_rank[r] = {n: buf.detach().clone() for n, buf in buffers.items()}
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads_of(loss, step.theta), step.theta)]
             total = _weighted_sum(total, grads, w)
         sgd_step_(step.theta, step.bufs, total, step.hp)
@@ -67,4 +76,7 @@ def simulate_data_parallel(job: JobConfig, world: int, iterations: int,
                 p.grad = None
     theta = {n: p.detach().cpu().clone() for n, p in obj.student.named_parameters() if p.requires_grad}
     phi = {n: p.detach().cpu().clone() for n, p in obj.meta.named_parameters()} if obj.meta is not None else {}
-    return {"theta": theta, "phi": phi}
+    # the run's flat_all_reduce_: the sum over ranks, then / world (integer counters agree anyway)
+    bn = {n: (torch.stack([per_rank[r][n] for r in range(world)]).sum(0) / world).cpu()
+          for n, buf in buffers.items() if buf.is_floating_point()}
+    return {"theta": theta, "phi": phi, "buffers": bn}

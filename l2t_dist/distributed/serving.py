@@ -9,7 +9,8 @@ submits a batch ahead (prefetch), so the actor computes batch b+1 while the work
 
 Actors restart when they die (`max_restarts`), and Ray re-runs their pending requests
 (`max_task_retries`); a request that still gets no answer within `request_timeout_s` fails
-the step with a clear error, and Ray Train restarts the worker group from the last checkpoint.
+the step with a clear error marked `retryable` (one rank sees it), and Ray Train restarts the
+worker group from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -164,7 +165,13 @@ class ServedFeeder:
     def collect(self, refs: dict, x: Optional[torch.Tensor] = None) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
         for name, ref in refs.items():
-            maps = _get(ref, f"source actor {name!r}", self.timeout_s)
+            try:
+                maps = _get(ref, f"source actor {name!r}", self.timeout_s)
+            except L2TError as err:
+                # Seen by this rank only (the others wait in a collective): the worker must
+                # raise it, so that Ray Train tears the group down and restarts it.
+                err.retryable = True
+                raise
             out[name] = {}
             for tap, arr in maps.items():
                 self.bytes[name] += arr.nbytes

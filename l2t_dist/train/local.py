@@ -7,6 +7,7 @@ OUT_DIR/NAME: job.yaml, metrics.jsonl, last.pt (resume state) and best.pt (best 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -118,7 +119,7 @@ class LocalRun:
 
     # ---- the loop
     def run(self) -> dict:
-        job, t = self.job, self.trainee
+        job = self.job
         n_batches = self._batches_per_epoch()
         self._emit("on_start")
         while self.epoch < job.optim.epochs:
@@ -169,8 +170,10 @@ class LocalRun:
             try:
                 m = self._step(b, xb, yb)
             except TrainingError as err:
-                raise TrainingError(f"{err}\nstopped in epoch {self.epoch + 1}, batch {b + 1}; the last good "
-                                    f"checkpoint is kept at {self.run_dir / 'last.pt'}") from None
+                last = self.run_dir / "last.pt"
+                kept = (f"the last good checkpoint is kept at {last}" if last.exists()
+                        else "no checkpoint had been written yet")
+                raise TrainingError(f"{err}\nstopped in epoch {self.epoch + 1}, batch {b + 1}; {kept}") from None
             self.batch, self.global_step = b + 1, self.global_step + 1
             images += len(yb)
             for k in ("loss", "ce", "acc"):
@@ -182,12 +185,23 @@ class LocalRun:
         self._epoch_train = {k: sums[k] / max(1, sums["n"]) for k in ("loss", "ce", "acc")}
         self._epoch_train["images_per_s"] = images / max(1e-9, time.perf_counter() - started)
 
+    # ---- evaluation hooks (the data-parallel subclass shards them)
+    def _before_eval(self) -> None:
+        """Called before the epoch's evaluation (data parallel: average the BN statistics)."""
+
+    def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return accuracy(self.trainee.target, x, y, self.job.data.eval_batch_size, self.device)
+
+    def _pair_report(self) -> dict:
+        return pair_report(self.trainee, self.data.val_x, self.data.val_y, self.device)
+
     def _end_epoch(self) -> None:
-        job, t, d = self.job, self.trainee, self.data
+        job, d = self.job, self.data
+        self._before_eval()
         due = (self.epoch + 1) % job.run.eval_every == 0 or self.epoch + 1 == job.optim.epochs
-        val = accuracy(t.target, d.val_x, d.val_y, job.data.eval_batch_size, self.device) if due else None
-        test = accuracy(t.target, d.test_x, d.test_y, job.data.eval_batch_size, self.device) if due else None
-        pairs = pair_report(t, d.val_x, d.val_y, self.device)
+        val = self._accuracy(d.val_x, d.val_y) if due else None
+        test = self._accuracy(d.test_x, d.test_y) if due else None
+        pairs = self._pair_report()
         record = {"epoch": self.epoch + 1, "step": self.global_step,
                   "lr": cosine_lr(job.optim.lr, self.epoch, job.optim.epochs),
                   "train_loss": self._epoch_train["loss"], "train_acc": 100 * self._epoch_train["acc"],
@@ -207,8 +221,10 @@ class LocalRun:
         self._emit("on_epoch_end", record)
         if not self.quiet:
             accs = f"val {val:.2f}% test {test:.2f}% " if due else ""
+            # stderr, like the progress bar: stdout stays clean for --json
             print(f"epoch {self.epoch}/{job.optim.epochs}: loss {record['train_loss']:.4f} "
-                  f"train {record['train_acc']:.2f}% {accs}({record['images_per_s']:.0f} img/s)", flush=True)
+                  f"train {record['train_acc']:.2f}% {accs}({record['images_per_s']:.0f} img/s)",
+                  file=sys.stderr, flush=True)
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
