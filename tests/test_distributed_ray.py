@@ -80,6 +80,7 @@ def job_tree(out_dir, ckpts, name, **cluster):
         "cluster": {"workers": 2, "cpus_per_worker": 0.4, "worker_resources": {"train_node": 1},
                     "cpus_per_source_actor": 0.2, "source_resources": {"src_node": 1}, "max_failures": 2,
                     "request_timeout_s": 120, "start_timeout_s": 60, **cluster},
+        "tracking": {"enabled": False},  # MLflow is tested in test_tracking.py; no mlflow.db in the cwd here
     }
 
 

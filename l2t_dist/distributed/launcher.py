@@ -5,8 +5,10 @@
 2. plan and check resources (distributed/resources.py): a job that cannot be placed fails
    before anything starts, naming what it asked for and what the cluster has;
 3. served mode: start the source actors and wait for them to load (bounded wait);
+   colocated mode: load the sources once here first, so a bad checkpoint fails at once;
 4. a Ray Train TorchTrainer runs distributed/worker.py on cluster.workers workers, with
-   FailureConfig(max_failures) and checkpoints reported every epoch;
+   FailureConfig(max_failures) and checkpoints reported every epoch; crashes are retried,
+   while a user error (a NaN loss) comes back as rank 0's return value and is raised here;
 5. the run directory ends up as with the local backend (job.yaml, metrics.jsonl, last.pt,
    best.pt); on a multi-node cluster without shared storage the driver copies the latest
    checkpoint back into it.
@@ -104,6 +106,28 @@ def _prepare_run_dir(job: Optional[JobConfig], resume: Optional[str]) -> tuple[J
     return job, run_dir, None
 
 
+def _nodes_are_here() -> bool:
+    """True when every alive Ray node runs on this machine (its files are the workers' files)."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    return all(n.get("NodeManagerAddress") == here for n in ray.nodes() if n.get("Alive"))
+
+
+def _check_colocated_sources(job: JobConfig, only_present: bool = False) -> None:
+    """Colocated mode: load the sources here as the workers (and the local backend) will, so a
+    missing or mismatched checkpoint fails before any worker starts, with the local backend's
+    error. `only_present`: the workers run on other machines, whose files this one may lack;
+    check the checkpoints found here (a worker that lacks one stops the run without restarts)."""
+    import torch
+
+    from l2t_dist.sources.colocated import load_sources
+
+    configs = [s for s in job.sources if not only_present or Path(s.checkpoint).is_file()]
+    if configs:
+        load_sources(configs, torch.device("cpu"))
+
+
 def _unwrap_failure(err: BaseException, max_failures: int) -> L2TError:
     failures = getattr(err, "worker_failures", None) or {}
     first = failures.get(0, next(iter(failures.values()), None)) if failures else None
@@ -118,7 +142,7 @@ def _unwrap_failure(err: BaseException, max_failures: int) -> L2TError:
 
 
 def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: bool = False,
-              address: Optional[str] = None) -> dict:
+              address: Optional[str] = None, tracking=None) -> dict:
     """Train on Ray (or resume RUN_DIR); returns the summary of the local backend plus Ray fields.
     `address` overrides cluster.address (the CLI's --address)."""
     job, run_dir, resume_bytes = _prepare_run_dir(job, resume)
@@ -133,11 +157,17 @@ def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: boo
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from l2t_dist.distributed.resources import check_placement, plan_resources
-    from l2t_dist.distributed.worker import train_loop_per_worker
+    from l2t_dist.distributed.worker import FAILED, train_loop_per_worker
 
+    colocated = cc.sources_mode == "colocated" and bool(job.sources)
+    new_local_ray = not (cc.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
+    if colocated and new_local_ray:  # this machine is the cluster: check before Ray starts
+        _check_colocated_sources(job)
     started_ray = connect(cc, quiet=quiet)
     handles: dict = {}
     try:
+        if colocated and not new_local_ray:
+            _check_colocated_sources(job, only_present=not _nodes_are_here())
         free, total, nodes = cluster_snapshot()
         plan = plan_resources(cc, len(job.sources), free)
         check_placement(plan, free, total, nodes)
@@ -159,6 +189,8 @@ def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: boo
                 print(f"[ray] source actors ready in {time.perf_counter() - t0:.1f}s: {where}", flush=True)
         if resume_bytes is not None:
             config["resume_state"] = ray.put(resume_bytes)
+        if tracking is not None:  # MLflow (l2t_dist/tracking): the driver opens the run, rank 0 writes it
+            config["tracking"] = tracking.for_workers(job, run_dir)
         worker_res = dict(plan.workers.resources)
         use_gpu = worker_res.get("GPU", 0) > 0
         storage = Path(cc.storage_path).resolve() if cc.storage_path else run_dir / "ray"
@@ -183,6 +215,10 @@ def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: boo
             if isinstance(exc, TrainingFailedError):
                 raise _unwrap_failure(exc, cc.max_failures) from None
             raise
+        failed = getattr(result, "return_value", None)
+        if isinstance(failed, dict) and isinstance(failed.get(FAILED), L2TError):
+            _fetch_outputs(result, run_dir)  # the last good checkpoint stays, as with --backend local
+            raise failed[FAILED]
         summary = _collect(result, run_dir)
         summary["ray_storage"] = str(storage / ray_name)
         if handles:
@@ -200,10 +236,14 @@ def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: boo
             ray.shutdown()
 
 
-def _collect(result, run_dir: Path) -> dict:
-    """Make sure the driver's run directory holds the outputs, and return rank 0's summary."""
+def _fetch_outputs(result, run_dir: Path) -> None:
     if not (run_dir / "last.pt").exists() and result.checkpoint is not None:
         result.checkpoint.to_directory(str(run_dir))  # multi-node without shared storage
+
+
+def _collect(result, run_dir: Path) -> dict:
+    """Make sure the driver's run directory holds the outputs, and return rank 0's summary."""
+    _fetch_outputs(result, run_dir)
     if not (run_dir / "last.pt").exists():
         raise CheckpointError(f"the Ray run finished but left no checkpoint in {str(run_dir)!r}")
     summary = getattr(result, "return_value", None)

@@ -69,8 +69,31 @@ def _skeleton_sources(infos: list[dict]) -> list:
                          dict(i.get("meta") or {})) for i in infos]
 
 
+FAILED = "l2t_error"  # rank 0's return value {FAILED: err}: a deterministic error for the driver to raise
+
+
 def train_loop_per_worker(config: dict) -> Optional[dict]:
-    """Entry point of every Ray Train worker; returns the run summary on rank 0."""
+    """Entry point of every Ray Train worker; returns the run summary on rank 0.
+
+    Ray 2.60 restarts the worker group on every worker error, `cluster.max_failures` times.
+    A user error (a non-finite loss, a bad checkpoint in colocated mode) would fail the same
+    way again, so it is returned instead: DataParallelRun marks the L2TErrors that every
+    rank raises at the same point (`on_all_ranks`), the group then finishes together, and the
+    driver raises rank 0's error. Anything else (a retryable error of the source service, a
+    crash, a killed process) is raised: Ray Train restarts from the latest checkpoint."""
+    from l2t_dist.errors import L2TError
+
+    try:
+        return _train_loop(config)
+    except L2TError as err:
+        if err.retryable or not getattr(err, "on_all_ranks", False):
+            raise
+        import ray.train
+
+        return {FAILED: err} if ray.train.get_context().get_world_rank() == 0 else None
+
+
+def _train_loop(config: dict) -> Optional[dict]:
     import ray
     import ray.train
 
@@ -115,8 +138,13 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
             return ServedFeeder(config["source_handles"], needed, rank, cc.feature_dtype, device,
                                 cc.request_timeout_s, cc.prefetch)
 
+    callbacks = []
+    if rank == 0 and config.get("tracking"):  # MLflow: only rank 0 writes
+        from l2t_dist.tracking.callback import MlflowCallback
+
+        callbacks.append(MlflowCallback.from_config(config["tracking"]))
     run = DataParallelRun(job, run_dir, rank=rank, world=world, quiet=config.get("quiet", False),
-                          sources=sources, feeder=feeder, reporter=RayReporter())
+                          callbacks=callbacks, sources=sources, feeder=feeder, reporter=RayReporter())
     if state is not None:
         run.restore(state)
         run.sync_replicas()
