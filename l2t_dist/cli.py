@@ -59,6 +59,8 @@ def _add_train(sub) -> None:
     job = sub.add_parser("job", help="validate a job file and print it with every default filled in")
     job.add_argument("job", nargs="?")
     job.add_argument("overrides", nargs="*")
+    job.add_argument("--schema-md", action="store_true",
+                     help="print the reference of every job key as Markdown (docs/jobs.md) and exit")
     job.set_defaults(func=_cmd_job)
 
 
@@ -66,14 +68,71 @@ def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the whole method on synthetic data: pretrain sources, transfer, compare")
     demo.add_argument("--out", default="runs/demo", help="output folder (must be empty or absent)")
     demo.add_argument("--quick", action="store_true", help="a few epochs only (smoke test)")
+    demo.add_argument("--backend", choices=("ray", "local"), default="ray",
+                      help="ray: local Ray, served sources, 2 Ray Train workers; local: one process, no Ray")
+    demo.add_argument("--data-root", metavar="KIND:PATH", default=None,
+                      help="real target data instead of the synthetic task, e.g. parquet:../shared/data/cifar10-jpeg")
+    demo.add_argument("--source", metavar="ARCH:CHECKPOINT", action="append", default=[],
+                      help="a real source checkpoint instead of pretraining (repeat for several)")
+    demo.add_argument("--per-class", type=int, default=10, help="target training images per class")
+    demo.add_argument("--tracking-uri", default=None,
+                      help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    demo.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     demo.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from l2t_dist.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    result = run_demo(args.out, quick=args.quick, backend=args.backend, data_root=args.data_root,
+                      source_specs=args.source, tracking_uri=args.tracking_uri, per_class=args.per_class)
+    if args.json:
+        print(json.dumps(result, default=str))
     return 0
+
+
+def _add_tune(sub) -> None:
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+        return int(text)
+
+    tu = sub.add_parser("tune", help="hyper-parameter sweep of a job with Ray Tune, ASHA on val accuracy, "
+                                     "tracked in MLflow (see docs/tune.md)")
+    tu.add_argument("job", nargs="?", help="job YAML file (omit for the embedded defaults)")
+    tu.add_argument("overrides", nargs="*", help="section.key=value overrides of the base job")
+    tu.add_argument("--space", metavar="SPACE.yaml", help="search space, e.g. tune_spaces/beta_T.yaml")
+    tu.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="local: each trial trains in its own process; ray: each trial runs a data-parallel "
+                         "TorchTrainer (the job's cluster section)")
+    tu.add_argument("--address", default=None, help="the Ray cluster to join (same as cluster.address=...)")
+    tu.add_argument("--name", default=None, help="sweep name (default RUN.NAME-SPACE); the sweep folder is "
+                                                 "OUT_DIR/NAME")
+    tu.add_argument("--num-samples", type=positive, default=None, help="trials (overrides the space file)")
+    tu.add_argument("--max-concurrent", type=positive, default=None,
+                    help="trials at once (overrides the space file; lowered to what fits)")
+    tu.add_argument("--register", metavar="MODEL", default=None,
+                    help="register the best trial's model under this name (default: tracking.registered_model, "
+                         "else RUN.NAME-tune)")
+    tu.add_argument("--no-register", action="store_true", help="do not register the best model")
+    tu.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
+    tu.add_argument("--quiet", action="store_true", help="only the final table")
+    tu.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+    tu.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    from l2t_dist.tune.sweep import run_sweep
+
+    job, overrides = (None, []) if args.resume else _job_and_overrides(args)
+    summary = run_sweep(job, overrides, args.space, backend=args.backend, name=args.name, address=args.address,
+                        num_samples=args.num_samples, max_concurrent=args.max_concurrent, register=args.register,
+                        no_register=args.no_register, resume=args.resume, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(summary))
+    if summary["interrupted"]:
+        return 130
+    return EXIT_RUNTIME if (summary.get("registered") or {}).get("error") else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sources(sub)
     _add_train(sub)
     _add_demo(sub)
+    _add_tune(sub)
+    from l2t_dist.tracking.models_cli import add_parser as _add_models  # light: no mlflow at import
+
+    _add_models(sub)
     return parser
 
 
@@ -142,28 +205,52 @@ def _job_and_overrides(args) -> tuple:
 def _cmd_job(args) -> int:
     from l2t_dist.config import dump_job, load_job
 
+    if args.schema_md:
+        from l2t_dist.schema_docs import render
+
+        print(render(), end="")
+        return 0
     print(dump_job(load_job(*_job_and_overrides(args))), end="")
     return 0
 
 
 def _cmd_train(args) -> int:
     from l2t_dist.config import load_job
+    from l2t_dist.tracking.callback import close, start_tracking  # MLflow itself is imported lazily
     from l2t_dist.train.local import train_local
 
     job = load_job(*_job_and_overrides(args)) if not args.resume else None
-    if args.backend == "ray":
-        from l2t_dist.distributed.launcher import train_ray  # imports Ray only here
+    tracker = start_tracking(job, args.resume)  # an unreachable store fails here, before data and models
+    try:
+        if args.backend == "ray":
+            from l2t_dist.distributed.launcher import train_ray  # imports Ray only here
 
-        summary = train_ray(job, resume=args.resume, quiet=args.quiet, address=args.address)
-    else:
-        summary = train_local(job, resume=args.resume, quiet=args.quiet)
+            summary = train_ray(job, resume=args.resume, quiet=args.quiet, address=args.address, tracking=tracker)
+        else:
+            summary = train_local(job, resume=args.resume, quiet=args.quiet, callbacks=[tracker] if tracker else ())
+    except BaseException as err:
+        close(tracker, err)  # the MLflow run ends FAILED (KILLED on Ctrl-C), never stays RUNNING
+        raise
+    close(tracker, None)
     if args.json:
         print(json.dumps(summary))
     return 0
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may also come after the options
+    (`l2t-dist train JOB --quiet method.beta=1`), which argparse alone rejects."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     try:
         return args.func(args)
     except L2TError as err:

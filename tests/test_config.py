@@ -82,3 +82,15 @@ def test_schema_names_match_the_registries():
 
     assert config.ARCH_NAMES == models.ARCH_NAMES
     assert config.DATA_KINDS == data.DATA_KINDS
+
+
+def test_cli_accepts_overrides_after_options():
+    """`l2t-dist train JOB --quiet key=value` is how people type it; argparse alone rejects it."""
+    from l2t_dist.cli import _parse, build_parser
+
+    args = _parse(build_parser(), ["train", "jobs/cifar10_limited.yaml", "--quiet", "--json",
+                                   "method.name=fm", "optim.epochs=3"])
+    assert args.job == "jobs/cifar10_limited.yaml" and args.quiet and args.json
+    assert args.overrides == ["method.name=fm", "optim.epochs=3"]
+    with pytest.raises(SystemExit):
+        _parse(build_parser(), ["train", "jobs/cifar10_limited.yaml", "--quiet", "--bogus"])

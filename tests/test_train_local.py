@@ -138,7 +138,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, source_c
 def test_cli_train_exit_codes(tmp_path, source_ckpt):
     cmd = [sys.executable, "-m", "l2t_dist.cli", "train", "--quiet", "--json",
            "data.kind=synthetic", "data.path=task=c,classes=3,per_class=8,size=16", "data.batch_size=8",
-           "target.arch=resnet20", "method.name=scratch", "optim.epochs=1", f"run.out_dir={tmp_path}"]
+           "target.arch=resnet20", "method.name=scratch", "optim.epochs=1", "tracking.enabled=false",
+           f"run.out_dir={tmp_path}"]  # tracking off: no mlflow.db in the working directory
     ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     summary = json.loads(ok.stdout.strip().splitlines()[-1])

@@ -1,0 +1,185 @@
+"""The trainable: one Tune trial is one full training job.
+
+The driver hands every trial the same base job tree (`spec`, through tune.with_parameters)
+and Tune hands it the sampled values (`config`, dotted job keys). The trial writes a normal
+run directory, OUT_DIR/<sweep>/<trial id> (job.yaml, metrics.jsonl, last.pt, best.pt), and
+reports once per epoch, so ASHA sees every epoch's val accuracy:
+- backend local: train_local in the trial's process, with a callback that calls
+  `ray.tune.report`;
+- backend ray: a TorchTrainer started inside the trial (the Train V2 pattern), whose epoch
+  reports reach Tune through `TuneReportCallback`.
+A trial restarted by `--resume` continues its run directory from last.pt when there is one.
+MLflow is written by the driver (tracking.py), never here: a trial stopped by ASHA is killed
+and runs no code after its last report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from l2t_dist.config import JobConfig, parse_job
+from l2t_dist.tune.space import apply_params, plain
+
+# Reported each epoch (when present), logged per epoch to the trial's MLflow run.
+METRICS = ("val_acc", "test_acc", "train_loss", "train_acc", "lr", "images_per_s", "wait_fraction")
+
+
+def trial_job(base: dict, params: dict[str, Any], sweep_dir: str, trial_id: str) -> JobConfig:
+    """The base job with the sampled values applied, writing to SWEEP_DIR/TRIAL_ID, untracked."""
+    tree = apply_params(base, {k: plain(v) for k, v in params.items()})
+    tree["run"].update(out_dir=str(sweep_dir), name=trial_id, eval_every=1, checkpoint_every=None)
+    tree["tracking"]["enabled"] = False
+    return parse_job(tree, where=f"trial {trial_id}")
+
+
+def epoch_metrics(record: dict) -> dict:
+    out = {"epoch": int(record["epoch"])}
+    out.update({k: float(record[k]) for k in METRICS if record.get(k) is not None})
+    return out
+
+
+class _TuneReporter:
+    """LocalRun callback: one tune.report per epoch (blocks until Tune asks for more)."""
+
+    def on_epoch_end(self, run, record: dict) -> None:
+        from ray import tune
+
+        tune.report(epoch_metrics(record))
+
+
+def run_trial(config: dict, spec: dict) -> None:
+    """Tune entry point. `spec`: base (job tree), keys (searched), sweep_dir, backend."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    params = {k: config[k] for k in spec["keys"]}
+    job = trial_job(spec["base"], params, spec["sweep_dir"], trial_id)
+    run_dir = Path(spec["sweep_dir"]) / trial_id
+    resume = (run_dir / "last.pt").exists()
+    if spec["backend"] == "ray":
+        _fit_ray(job, run_dir, resume)
+    else:
+        _fit_local(job, run_dir, resume)
+
+
+def _fit_local(job: JobConfig, run_dir: Path, resume: bool) -> None:
+    from l2t_dist.train.local import train_local
+
+    if resume and _report_if_done(run_dir):
+        return
+    train_local(None if resume else job, resume=str(run_dir) if resume else None, quiet=True,
+                callbacks=[_TuneReporter()])
+
+
+def _report_if_done(run_dir: Path) -> bool:
+    """A resumed trial whose run had already finished: report its last epoch once more."""
+    import torch
+    from ray import tune
+
+    tr = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["trainer"]
+    if tr["epoch"] < tr["job"]["optim"]["epochs"] or not tr["history"]:
+        return False
+    tune.report(epoch_metrics(tr["history"][-1]))
+    return True
+
+
+def _fit_ray(job: JobConfig, run_dir: Path, resume: bool) -> None:
+    """launcher.train_ray inside a trial: the same worker loop and source actors, plus
+    TuneReportCallback; the resources were planned by the driver (plan.py) and are explicit in
+    the job's cluster section, so nothing is re-planned against what other trials hold."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from l2t_dist.distributed.launcher import _prepare_run_dir, _unwrap_failure
+    from l2t_dist.distributed.resources import plan_resources
+    from l2t_dist.distributed import worker
+    from l2t_dist.distributed.worker import train_loop_per_worker
+    from l2t_dist.errors import L2TError
+
+    if resume and _report_if_done(run_dir):
+        return
+    job, run_dir, resume_bytes = _prepare_run_dir(None if resume else job, str(run_dir) if resume else None)
+    cc = job.cluster
+    plan = plan_resources(cc, len(job.sources), {"CPU": 0.0})  # every quantity is explicit
+    config = {"job": job.model_dump(mode="json"), "run_dir": str(run_dir), "quiet": True,
+              "threads": job.run.threads or plan.worker_threads, "served": plan.actors is not None}
+    handles: dict = {}
+    try:
+        if plan.actors is not None:
+            from l2t_dist.distributed.serving import start_source_actors
+
+            handles, infos = start_source_actors([s.model_dump(mode="json") for s in job.sources], cc.source_actors,
+                                                 plan.actors.resources, plan.actor_threads, cc.actor_max_restarts,
+                                                 cc.start_timeout_s)
+            config.update(source_handles=handles, source_infos=[infos[s.name] for s in job.sources])
+        if resume_bytes is not None:
+            config["resume_state"] = ray.put(resume_bytes)
+        worker_res = dict(plan.workers.resources)
+        use_gpu = worker_res.get("GPU", 0) > 0
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=config,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cc.workers, use_gpu=use_gpu, resources_per_worker=worker_res),
+            run_config=RunConfig(name=f"{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                 storage_path=str(run_dir / "ray"), callbacks=[TuneReportCallback()],
+                                 failure_config=FailureConfig(max_failures=cc.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 logging_config=LoggingConfig(log_level="WARNING"),
+                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
+        try:
+            result = trainer.fit()
+        except L2TError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray's failure types: unwrap to the user's error
+            from ray.train import TrainingFailedError
+
+            if isinstance(exc, TrainingFailedError):
+                raise _unwrap_failure(exc, cc.max_failures) from None
+            raise
+        # a deterministic user error (a NaN loss) comes back as rank 0's return value
+        failed = getattr(result, "return_value", None)
+        key = getattr(worker, "FAILED", None)
+        if key and isinstance(failed, dict) and isinstance(failed.get(key), L2TError):
+            raise failed[key]
+    finally:
+        if handles:
+            from l2t_dist.distributed.serving import stop_source_actors
+
+            stop_source_actors(handles)
+
+
+def best_of(rows: list[dict], max_t: int) -> dict:
+    """Best-by-val over a trial's reported epochs (the first maximum, as LocalRun keeps best.pt)."""
+    best: Optional[dict] = None
+    for r in rows:
+        v = r.get("val_acc")
+        if v is not None and v == v and (best is None or v > best["val_acc"]):
+            best = r
+    epochs = max((int(r["epoch"]) for r in rows if r.get("epoch") is not None), default=0)
+    return {"epochs": epochs, "best_val_acc": None if best is None else best["val_acc"],
+            "test_acc_at_best_val": None if best is None else best.get("test_acc"),
+            "best_epoch": None if best is None else int(best["epoch"]), "stopped_early": 0 < epochs < max_t}
+
+
+def error_line(err) -> str:
+    """One line for a failed trial: our own error's first line (what went wrong), found under
+    Ray's wrappers (a RayTaskError is itself an instance of the error it wraps, with Ray's
+    traceback as its text; the original is its `.cause`), else the last line of the error."""
+    from l2t_dist.errors import L2TError
+
+    node, found = err, None
+    for _ in range(10):
+        if node is None:
+            break
+        if isinstance(node, L2TError) and type(node).__module__ == L2TError.__module__:
+            found = node
+            break
+        node = getattr(node, "cause", None) or node.__cause__
+    if found is not None:
+        return str(found).strip().splitlines()[0]
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
