@@ -1,70 +1,182 @@
-"""`l2t-dist demo`: the whole method on embedded defaults, with no download and no GPU.
+"""`l2t-dist demo`: the whole service on embedded defaults, with no download and no GPU.
 
 1. pretrain two small sources on two synthetic tasks (a, b) and save them as checkpoints;
-2. train a target on a third task (c) with limited data, from scratch and with L2T-ww using
-   both sources;
-3. print a table of val/test accuracy and the λ that the where-networks learned per pair.
+2. start a local Ray, serve both sources from actors, and train a target on a third task (c)
+   with limited data on 2 Ray Train workers, from scratch and with L2T-ww;
+3. log both runs to the local MLflow store and register the target as `demo-target`; the
+   alias `champion` goes to the better one by val accuracy;
+4. print a table of val/test accuracy and images/s, the λ learned per pair, and the command
+   that opens the MLflow UI.
 The synthetic tasks share visual primitives (see data/synthetic.py), so transfer can help.
+`--data-root KIND:PATH` and `--source ARCH:CHECKPOINT` point the same path at real data and
+real checkpoints (then nothing is pretrained); `--backend local` runs without Ray.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from l2t_dist.config import JobConfig, parse_job
+from l2t_dist.config import DATA_KINDS, JobConfig, parse_job
+from l2t_dist.errors import ConfigError
 
 SIZE = 16
-# (name, synthetic task, architecture, taps offered for matching: one per resolution 16, 8, 4)
-SOURCES = (("src_a", "a", "resnet20", [2, 5, 8]), ("src_b", "b", "vgg9_bn", [0, 1, 2]))
+# (name, synthetic task, architecture, taps offered for matching: the ends of the 16x16 and 8x8 stages;
+#  two per source keep the demo's L2T-ww step cheap: 2 sources x 2 taps x 3 target taps = 12 pairs)
+SOURCES = (("src_a", "a", "resnet20", [2, 5]), ("src_b", "b", "resnet32", [4, 9]))
+REGISTERED = "demo-target"
 
 
-def _data(task: str, per_class: Optional[int] = None) -> dict:
+def _synthetic(task: str, per_class: Optional[int] = None) -> dict:
     # 60 images per class on disk; `per_class` keeps only that many for training (limited data).
     return {"kind": "synthetic", "path": f"task={task},classes=10,per_class=60,size={SIZE},seed=0",
             "image_size": SIZE, "batch_size": 32, "eval_batch_size": 500, "per_class": per_class}
 
 
 def source_job(name: str, task: str, arch: str, out: Path, epochs: int) -> JobConfig:
-    return parse_job({"data": _data(task), "target": {"arch": arch}, "method": {"name": "scratch"},
+    return parse_job({"data": _synthetic(task), "target": {"arch": arch}, "method": {"name": "scratch"},
                       "optim": {"lr": 0.05, "epochs": epochs},
-                      "run": {"name": name, "out_dir": str(out), "seed": 0}})
+                      "run": {"name": name, "out_dir": str(out), "seed": 0},
+                      "tracking": {"enabled": False}})
 
 
-def target_job(method: str, sources: list[dict], out: Path, epochs: int, per_class: int) -> JobConfig:
-    return parse_job({"data": _data("c", per_class), "target": {"arch": "resnet20"},
+def target_job(method: str, sources: list[dict], out: Path, epochs: int, data: dict, *,
+               workers: int = 2, tracking: Optional[dict] = None) -> JobConfig:
+    return parse_job({"data": data, "target": {"arch": "resnet20"},
                       "sources": sources if method != "scratch" else [],
                       "method": {"name": method, "beta": 0.5, "T": 2},
                       "optim": {"lr": 0.05, "epochs": epochs}, "meta": {"lr": 1e-3},
-                      "run": {"name": f"target-{method}", "out_dir": str(out), "seed": 0}})
+                      "run": {"name": f"target-{method}", "out_dir": str(out), "seed": 0},
+                      "cluster": {"workers": workers, "sources_mode": "served"},
+                      "tracking": tracking or {"enabled": False}})
 
 
-def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True) -> dict:
+def parse_source(spec: str, index: int) -> dict:
+    """`--source ARCH:CHECKPOINT` -> a job's source entry (default taps: each stage's end)."""
+    from l2t_dist.config import ARCH_NAMES
+
+    arch, sep, path = spec.partition(":")
+    if not sep or arch not in ARCH_NAMES or not path:
+        raise ConfigError(f"--source {spec!r} must look like ARCH:CHECKPOINT with ARCH one of "
+                          f"{', '.join(ARCH_NAMES)}, e.g. resnet20:../shared/weights/resnet20-12fca82f.th")
+    if not Path(path).is_file():
+        raise ConfigError(f"--source {spec!r}: checkpoint file {path!r} not found")
+    return {"name": f"src{index}", "arch": arch, "checkpoint": path}
+
+
+def parse_data_root(spec: str, per_class: int) -> dict:
+    """`--data-root KIND:PATH` -> the target's data section (32x32, the 10% val hold-out)."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in DATA_KINDS or kind == "synthetic":
+        raise ConfigError(f"--data-root {spec!r} must look like KIND:PATH with KIND one of "
+                          f"{', '.join(k for k in DATA_KINDS if k != 'synthetic')}, "
+                          "e.g. parquet:../shared/data/cifar10-jpeg")
+    if not Path(path).exists():
+        raise ConfigError(f"--data-root {spec!r}: {path!r} does not exist")
+    return {"kind": kind, "path": path, "image_size": 32, "batch_size": 32, "per_class": per_class}
+
+
+def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True, backend: str = "ray",
+             data_root: Optional[str] = None, source_specs: Sequence[str] = (), tracking_uri: Optional[str] = None,
+             per_class: int = 10) -> dict:
     from l2t_dist.train.local import train_local
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        from l2t_dist.errors import ConfigError
         raise ConfigError(f"demo output folder {str(out)!r} is not empty; remove it or pass --out NEW_FOLDER")
-    src_epochs, tgt_epochs, per_class = (2, 2, 10) if quick else (8, 30, 10)
+    sources = [parse_source(s, i) for i, s in enumerate(source_specs)]
+    data = parse_data_root(data_root, per_class) if data_root else _synthetic("c", per_class)
+    tracking = _tracking(tracking_uri)
+    src_epochs, tgt_epochs = (2, 2) if quick else (8, 20)
     started = time.perf_counter()
-    sources = []
-    for name, task, arch, taps in SOURCES:
-        print(f"[demo] pretraining source {name} ({arch}) on synthetic task {task} ...", flush=True)
-        s = train_local(source_job(name, task, arch, out, src_epochs), quiet=quiet)
-        print(f"[demo]   {name}: test accuracy {s['test_acc_at_best_val']:.1f}%", flush=True)
-        sources.append({"name": name, "arch": arch, "checkpoint": str(out / name / "best.pt"), "taps": taps})
+    if not sources:
+        for name, task, arch, taps in SOURCES:
+            print(f"[demo] pretraining source {name} ({arch}) on synthetic task {task} ...", flush=True)
+            s = train_local(source_job(name, task, arch, out, src_epochs), quiet=quiet)
+            print(f"[demo]   {name}: test accuracy {s['test_acc_at_best_val']:.1f}%", flush=True)
+            sources.append({"name": name, "arch": arch, "checkpoint": str(out / name / "best.pt"), "taps": taps})
+    runner = _RayRunner(quiet) if backend == "ray" else _LocalRunner(quiet)
     results = {}
-    for method in ("scratch", "l2t_ww"):
-        print(f"[demo] training the target on task c ({per_class} images per class) with {method} ...", flush=True)
-        results[method] = train_local(target_job(method, sources, out, tgt_epochs, per_class), quiet=quiet)
+    try:
+        for method in ("scratch", "l2t_ww"):
+            where = "2 Ray Train workers, sources served by Ray actors" if backend == "ray" else "one process"
+            print(f"[demo] training the target ({data['kind']}, {data['per_class']} images per class) with "
+                  f"{method} on {where} ...", flush=True)
+            job = target_job(method, sources, out, tgt_epochs, data, tracking=tracking)
+            results[method] = runner.train(job)
+    finally:
+        runner.close()
     elapsed = time.perf_counter() - started
-    _print_table(results, elapsed)
+    _print_table(results, elapsed, tracking)
     return {"results": results, "seconds": elapsed}
 
 
-def _print_table(results: dict, elapsed: float) -> None:
+def _tracking(uri: Optional[str]) -> dict:
+    """Track in MLflow when it is installed: the store of --tracking-uri, $MLFLOW_TRACKING_URI,
+    or the embedded sqlite file in the working directory."""
+    from l2t_dist.tracking.uri import mlflow_available
+
+    if not mlflow_available():
+        print("[demo] mlflow is not installed: the runs are not tracked", flush=True)
+        return {"enabled": False}
+    return {"enabled": True, "uri": uri, "experiment": "l2t-dist-demo", "registered_model": REGISTERED,
+            "heatmap_every": 5}
+
+
+class _LocalRunner:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def train(self, job: JobConfig) -> dict:
+        from l2t_dist.tracking.callback import close, start_tracking
+        from l2t_dist.train.local import train_local
+
+        tracker = start_tracking(job)
+        try:
+            summary = train_local(job, quiet=self.quiet, callbacks=[tracker] if tracker else ())
+        except BaseException as err:
+            close(tracker, err)
+            raise
+        close(tracker, None)
+        return summary
+
+    def close(self) -> None:
+        pass
+
+
+class _RayRunner(_LocalRunner):
+    """One local Ray for both target runs (starting Ray costs seconds)."""
+
+    def __init__(self, quiet: bool):
+        super().__init__(quiet)
+        from l2t_dist.config import ClusterConfig
+        from l2t_dist.distributed.launcher import connect
+
+        print("[demo] starting a local Ray ...", flush=True)
+        self.started = connect(ClusterConfig(), quiet=True)
+
+    def train(self, job: JobConfig) -> dict:
+        from l2t_dist.distributed.launcher import train_ray
+        from l2t_dist.tracking.callback import close, start_tracking
+
+        tracker = start_tracking(job)
+        try:
+            summary = train_ray(job, quiet=self.quiet, tracking=tracker)
+        except BaseException as err:
+            close(tracker, err)
+            raise
+        close(tracker, None)
+        return summary
+
+    def close(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+
+
+def _print_table(results: dict, elapsed: float, tracking: dict) -> None:
     print("\nmethod    val acc   test acc (at best val)   images/s")
     for method, r in results.items():
         print(f"{method:<9} {r['best_val_acc']:>6.1f}%   {r['test_acc_at_best_val']:>6.1f}%"
@@ -74,4 +186,19 @@ def _print_table(results: dict, elapsed: float) -> None:
         print("\nlearned λ per pair (where to transfer) and channel-weight entropy (what):")
         for name, v in sorted(pairs.items(), key=lambda kv: -kv[1]["lambda"]):
             print(f"  {name:<28} λ {v['lambda']:.3f}   entropy {v['entropy']:.3f}")
+    mlflow = [r.get("mlflow") for r in results.values() if r.get("mlflow")]
+    if mlflow:
+        reg = [m["registered"] for m in mlflow if m.get("registered")]
+        champion = next((r for r in reversed(reg) if r.get("champion")), None)
+        uri = mlflow[-1]["tracking_uri"]
+        print(f"\nMLflow: both runs in experiment {tracking['experiment']!r} at {uri}")
+        for m in reg:
+            print(f"  registered {m['name']} version {m['version']}"
+                  f"{' -> alias champion' if m.get('champion') else ' (champion unchanged)'}")
+        if champion is not None:
+            print(f"  load it with: mlflow.pytorch.load_model('models:/{REGISTERED}@champion')")
+        if uri.startswith("sqlite:"):
+            print(f"  open the UI:  mlflow ui --backend-store-uri {uri}")
+        else:
+            print(f"  open the UI:  {uri}")
     print(f"\ndemo finished in {elapsed:.0f} s; runs are in their run directories (metrics.jsonl, best.pt)")
