@@ -125,21 +125,27 @@ def _tracking(uri: Optional[str]) -> dict:
 
 
 class _LocalRunner:
+    """Trains one target job in this process, tracked in MLflow like `l2t-dist train`."""
+
     def __init__(self, quiet: bool):
         self.quiet = quiet
 
     def train(self, job: JobConfig) -> dict:
         from l2t_dist.tracking.callback import close, start_tracking
-        from l2t_dist.train.local import train_local
 
         tracker = start_tracking(job)
         try:
-            summary = train_local(job, quiet=self.quiet, callbacks=[tracker] if tracker else ())
+            summary = self._fit(job, tracker)
         except BaseException as err:
             close(tracker, err)
             raise
         close(tracker, None)
         return summary
+
+    def _fit(self, job: JobConfig, tracker) -> dict:
+        from l2t_dist.train.local import train_local
+
+        return train_local(job, quiet=self.quiet, callbacks=[tracker] if tracker else ())
 
     def close(self) -> None:
         pass
@@ -156,18 +162,10 @@ class _RayRunner(_LocalRunner):
         print("[demo] starting a local Ray ...", flush=True)
         self.started = connect(ClusterConfig(), quiet=True)
 
-    def train(self, job: JobConfig) -> dict:
+    def _fit(self, job: JobConfig, tracker) -> dict:
         from l2t_dist.distributed.launcher import train_ray
-        from l2t_dist.tracking.callback import close, start_tracking
 
-        tracker = start_tracking(job)
-        try:
-            summary = train_ray(job, quiet=self.quiet, tracking=tracker)
-        except BaseException as err:
-            close(tracker, err)
-            raise
-        close(tracker, None)
-        return summary
+        return train_ray(job, quiet=self.quiet, tracking=tracker)
 
     def close(self) -> None:
         if self.started:

@@ -32,3 +32,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def source_ckpt(tmp_path_factory):
+    """A frozen source checkpoint in the project's format: a seeded random ResNet20, 5 classes."""
+    import torch
+
+    from l2t_dist.models import build_model
+    from l2t_dist.sources.zoo import save_model_checkpoint
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("src") / "src.pt"
+    save_model_checkpoint(str(path), build_model("resnet20", 5), "resnet20", meta={"note": "random"})
+    return str(path)

@@ -89,17 +89,6 @@ def _worker(rank, world, tmp, ckpt):
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def source_ckpt(tmp_path_factory):
-    from l2t_dist.models import build_model
-    from l2t_dist.sources.zoo import save_model_checkpoint
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("src") / "src.pt"
-    save_model_checkpoint(str(path), build_model("resnet20", 5), "resnet20")
-    return str(path)
-
-
 def test_data_parallel_loop_on_gloo_equals_the_simulation_with_unequal_shards(tmp_path, source_ckpt, single_thread):
     import torch.multiprocessing as mp
 

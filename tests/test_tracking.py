@@ -78,19 +78,6 @@ def server(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="module")
-def source_ckpt(tmp_path_factory):
-    import torch
-
-    from l2t_dist.models import build_model
-    from l2t_dist.sources.zoo import save_model_checkpoint
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("src") / "src.pt"
-    save_model_checkpoint(str(path), build_model("resnet20", 5), "resnet20", meta={"note": "random"})
-    return str(path)
-
-
 def train_args(out_dir, source_ckpt, uri, classes=4, **extra) -> list[str]:
     over = {"data.path": f"task=c,classes={classes},per_class=8,size=16", "data.image_size": 16,
             "data.batch_size": 16, "target.arch": "resnet20", "method.name": "l2t_ww", "method.T": 1,

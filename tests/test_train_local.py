@@ -13,17 +13,6 @@ from l2t_dist.train import local
 from l2t_dist.train.local import LocalRun, train_local
 
 
-@pytest.fixture(scope="module")
-def source_ckpt(tmp_path_factory):
-    from l2t_dist.models import build_model
-    from l2t_dist.sources.zoo import save_model_checkpoint
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("src") / "src.pt"
-    save_model_checkpoint(str(path), build_model("resnet20", 5), "resnet20", meta={"note": "random"})
-    return str(path)
-
-
 def small_job(tmp_path, source_ckpt, **over):
     tree = {
         "data": {"kind": "synthetic", "path": "task=c,classes=4,per_class=12,size=16,seed=0",

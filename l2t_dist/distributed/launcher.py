@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from l2t_dist.config import JobConfig, dump_job, parse_job
 from l2t_dist.errors import CheckpointError, ConfigError, L2TError, TrainingError
@@ -153,11 +153,7 @@ def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: boo
         raise ConfigError(f"data.batch_size={job.data.batch_size} is too small for cluster.workers={cc.workers}: "
                           f"every worker needs a shard of at least 2 images")
     ray = _import_ray()
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from l2t_dist.distributed.resources import check_placement, plan_resources
-    from l2t_dist.distributed.worker import FAILED, train_loop_per_worker
 
     colocated = cc.sources_mode == "colocated" and bool(job.sources)
     new_local_ray = not (cc.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
@@ -191,34 +187,9 @@ def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: boo
             config["resume_state"] = ray.put(resume_bytes)
         if tracking is not None:  # MLflow (l2t_dist/tracking): the driver opens the run, rank 0 writes it
             config["tracking"] = tracking.for_workers(job, run_dir)
-        worker_res = dict(plan.workers.resources)
-        use_gpu = worker_res.get("GPU", 0) > 0
         storage = Path(cc.storage_path).resolve() if cc.storage_path else run_dir / "ray"
         ray_name = f"{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cc.workers, use_gpu=use_gpu, resources_per_worker=worker_res),
-            run_config=RunConfig(name=ray_name, storage_path=str(storage),
-                                 failure_config=FailureConfig(max_failures=cc.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 logging_config=LoggingConfig(log_level="WARNING"),
-                                 # Ray's print patch would log every line of the workers twice
-                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
-        try:
-            result = trainer.fit()
-        except L2TError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Ray's failure types: unwrap to the user's error
-            from ray.train import TrainingFailedError
-
-            if isinstance(exc, TrainingFailedError):
-                raise _unwrap_failure(exc, cc.max_failures) from None
-            raise
-        failed = getattr(result, "return_value", None)
-        if isinstance(failed, dict) and isinstance(failed.get(FAILED), L2TError):
-            _fetch_outputs(result, run_dir)  # the last good checkpoint stays, as with --backend local
-            raise failed[FAILED]
+        result = fit_trainer(job, plan, config, run_dir, storage, ray_name)
         summary = _collect(result, run_dir)
         summary["ray_storage"] = str(storage / ray_name)
         if handles:
@@ -234,6 +205,48 @@ def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: boo
             stop_source_actors(handles)
         if started_ray:
             ray.shutdown()
+
+
+def fit_trainer(job: JobConfig, plan, config: dict, run_dir: Path, storage: Path, name: str,
+                callbacks: Sequence = ()):
+    """Build and fit the TorchTrainer of distributed/worker.py; returns Ray's Result.
+
+    Ray's failure types are unwrapped to the user's error, and a deterministic user error that
+    rank 0 returned (a NaN loss) is raised here, with the last good checkpoint left in run_dir.
+    Shared by `train_ray` and by the Tune trials that start their own trainer (`callbacks`)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from l2t_dist.distributed.worker import FAILED, train_loop_per_worker
+
+    cc = job.cluster
+    worker_res = dict(plan.workers.resources)
+    use_gpu = worker_res.get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cc.workers, use_gpu=use_gpu, resources_per_worker=worker_res),
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=cc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             # Ray's print patch would log every line of the workers twice
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
+    try:
+        result = trainer.fit()
+    except L2TError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray's failure types: unwrap to the user's error
+        from ray.train import TrainingFailedError
+
+        if isinstance(exc, TrainingFailedError):
+            raise _unwrap_failure(exc, cc.max_failures) from None
+        raise
+    failed = getattr(result, "return_value", None)
+    if isinstance(failed, dict) and isinstance(failed.get(FAILED), L2TError):
+        _fetch_outputs(result, run_dir)  # the last good checkpoint stays, as with --backend local
+        raise failed[FAILED]
+    return result
 
 
 def _fetch_outputs(result, run_dir: Path) -> None:

@@ -72,12 +72,7 @@ def lambda_heatmap(pairs: dict[str, dict], path: Path, title: str = "") -> Optio
                             color="white" if x < 0.6 * vmax else "black")
     if image is not None:
         fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean λ (val batch)")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path, title)
 
 
 def learning_curves(history: Sequence[dict], path: Path, title: str = "") -> Optional[Path]:
@@ -102,6 +97,10 @@ def learning_curves(history: Sequence[dict], path: Path, title: str = "") -> Opt
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path, title)
+
+
+def _save(fig, path: Path, title: str) -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)

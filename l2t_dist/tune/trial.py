@@ -90,15 +90,10 @@ def _fit_ray(job: JobConfig, run_dir: Path, resume: bool) -> None:
     TuneReportCallback; the resources were planned by the driver (plan.py) and are explicit in
     the job's cluster section, so nothing is re-planned against what other trials hold."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from l2t_dist.distributed.launcher import _prepare_run_dir, _unwrap_failure
+    from l2t_dist.distributed.launcher import _prepare_run_dir, fit_trainer
     from l2t_dist.distributed.resources import plan_resources
-    from l2t_dist.distributed import worker
-    from l2t_dist.distributed.worker import train_loop_per_worker
-    from l2t_dist.errors import L2TError
 
     if resume and _report_if_done(run_dir):
         return
@@ -118,33 +113,8 @@ def _fit_ray(job: JobConfig, run_dir: Path, resume: bool) -> None:
             config.update(source_handles=handles, source_infos=[infos[s.name] for s in job.sources])
         if resume_bytes is not None:
             config["resume_state"] = ray.put(resume_bytes)
-        worker_res = dict(plan.workers.resources)
-        use_gpu = worker_res.get("GPU", 0) > 0
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cc.workers, use_gpu=use_gpu, resources_per_worker=worker_res),
-            run_config=RunConfig(name=f"{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                 storage_path=str(run_dir / "ray"), callbacks=[TuneReportCallback()],
-                                 failure_config=FailureConfig(max_failures=cc.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 logging_config=LoggingConfig(log_level="WARNING"),
-                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
-        try:
-            result = trainer.fit()
-        except L2TError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Ray's failure types: unwrap to the user's error
-            from ray.train import TrainingFailedError
-
-            if isinstance(exc, TrainingFailedError):
-                raise _unwrap_failure(exc, cc.max_failures) from None
-            raise
-        # a deterministic user error (a NaN loss) comes back as rank 0's return value
-        failed = getattr(result, "return_value", None)
-        key = getattr(worker, "FAILED", None)
-        if key and isinstance(failed, dict) and isinstance(failed.get(key), L2TError):
-            raise failed[key]
+        fit_trainer(job, plan, config, run_dir, run_dir / "ray", f"{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                    callbacks=[TuneReportCallback()])
     finally:
         if handles:
             from l2t_dist.distributed.serving import stop_source_actors
