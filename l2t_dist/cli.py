@@ -44,7 +44,7 @@ def _add_sources(sub) -> None:
 
 def _add_train(sub) -> None:
     tr = sub.add_parser("train", help="train a target network with a transfer method")
-    tr.add_argument("job", nargs="?", help="job YAML file (omit for the embedded defaults)")
+    tr.add_argument("job", nargs="?", help="job YAML file (omit: the schema defaults plus the overrides)")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. method.beta=1.0")
     tr.add_argument("--backend", choices=("local", "ray"), default="local",
                     help="local: one process, no Ray; ray: data-parallel workers on Ray Train, served sources "
@@ -57,8 +57,8 @@ def _add_train(sub) -> None:
     tr.set_defaults(func=_cmd_train)
 
     job = sub.add_parser("job", help="validate a job file and print it with every default filled in")
-    job.add_argument("job", nargs="?")
-    job.add_argument("overrides", nargs="*")
+    job.add_argument("job", nargs="?", help="job YAML file to validate and print (omit: the schema defaults)")
+    job.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. method.name=fm")
     job.add_argument("--schema-md", action="store_true",
                      help="print the reference of every job key as Markdown (docs/jobs.md) and exit")
     job.set_defaults(func=_cmd_job)
@@ -99,7 +99,7 @@ def _add_tune(sub) -> None:
 
     tu = sub.add_parser("tune", help="hyper-parameter sweep of a job with Ray Tune, ASHA on val accuracy, "
                                      "tracked in MLflow (see docs/tune.md)")
-    tu.add_argument("job", nargs="?", help="job YAML file (omit for the embedded defaults)")
+    tu.add_argument("job", nargs="?", help="job YAML file (omit: the schema defaults plus the overrides)")
     tu.add_argument("overrides", nargs="*", help="section.key=value overrides of the base job")
     tu.add_argument("--space", metavar="SPACE.yaml", help="search space, e.g. tune_spaces/beta_T.yaml")
     tu.add_argument("--backend", choices=("local", "ray"), default="local",
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except L2TError as err:
         print(f"error: {err}", file=sys.stderr)
+        if getattr(args, "json", False):  # scripts reading the last stdout line get the failure too
+            print(json.dumps({"error": str(err), "kind": type(err).__name__, "exit_code": err.exit_code}))
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept", file=sys.stderr)

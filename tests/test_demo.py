@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,20 @@ for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
 
 
 def _l2t_dist(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The command as a user runs it, in its own process group: on a timeout the whole group
+    (Ray's processes included) is killed, so nothing is left running."""
     exe = Path(sys.executable).parent / "l2t-dist"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from l2t_dist.cli import main; "
                                                                  "sys.exit(main())"]
-    return subprocess.run(cmd + list(args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd + list(args), cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"l2t-dist {' '.join(args)} ran past {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,8 @@ def test_cli_train_exit_codes(tmp_path, source_ckpt):
     assert summary["epochs"] == 1 and summary["method"] == "scratch"
     bad = subprocess.run(cmd[:-1] + ["method.bta=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "method.bta" in bad.stderr and "Traceback" not in bad.stderr
+    failure = json.loads(bad.stdout.strip().splitlines()[-1])  # --json: the failure as the last line
+    assert failure["exit_code"] == 2 and failure["kind"] == "ConfigError" and "method.bta" in failure["error"]
 
 
 @pytest.mark.parametrize("over,error,needle", [
