@@ -42,6 +42,8 @@ REFERENCED = re.compile(r"^(?:jobs|tune_spaces|benchmarks)/[\w./-]+\.(?:ya?ml|py
 SHELL_VARS = {"PWD": "/tmp", "SEED": "0", "METHOD": "l2t_ww", "OUT": "/tmp/out", "HOME": "/tmp"}
 TOKEN_VALUES = {
     "method.name=M": "method.name=fm",       # docs/results.md: M in scratch, fm, l2t_ww
+    "data.per_class=N": "data.per_class=25",  # docs/results.md: N images per class
+    "run.seed=S": "run.seed=0",
     "JOB.yaml": "jobs/cifar10_limited.yaml",
     "JOB": "jobs/cifar10_limited.yaml",
 }
