@@ -74,19 +74,12 @@ def _same(a, b) -> bool:
 
 def load_checkpoint_model(checkpoint):
     """(target model in eval mode, {arch, num_classes, image_size}) from an l2t-dist checkpoint."""
-    import torch
-
     from l2t_dist.models import build_model
     from l2t_dist.sources.zoo import FORMAT, load_state_strict
+    from l2t_dist.train.checkpoint import read_checkpoint
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found; a training run writes best.pt and last.pt "
-                              "into its run directory")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({exc})") from None
+    obj = read_checkpoint(path, "a training run writes best.pt and last.pt into its run directory")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not obj.get("arch"):
         raise CheckpointError(f"{str(path)!r} is not an l2t-dist checkpoint (format {FORMAT!r} with arch, "
                               "num_classes and state_dict); register the best.pt of a training run")

@@ -38,14 +38,19 @@ def save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_training_state(path: Path) -> dict:
+def read_checkpoint(path: Path, missing: str) -> Any:
+    """torch.load on the CPU, with the project's errors: `missing` says where the file comes from."""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r}: a run directory holds last.pt once the first "
-                              "epoch (or checkpoint_every iterations) has finished")
+        raise CheckpointError(f"no checkpoint at {str(path)!r}: {missing}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({exc}); it may be truncated") from None
+
+
+def load_training_state(path: Path) -> dict:
+    state = read_checkpoint(path, "a run directory holds last.pt once the first epoch (or checkpoint_every "
+                                  "iterations) has finished")
     if state.get("format") != FORMAT or "trainer" not in state:
         raise CheckpointError(f"{str(path)!r} is not an l2t-dist training checkpoint")
     return state
