@@ -1,6 +1,5 @@
 """Synthetic tasks: deterministic, fast, share one primitive bank across tasks, and learnable."""
 
-import time
 
 import numpy as np
 import pytest
@@ -74,23 +73,7 @@ def test_bad_specs():
         open_dataset("synthetic", "task=a", "val")
 
 
-def test_fast():
-    images("task=a,classes=2,per_class=1,size=8")  # warm-up of torch's kernels
-    t = time.perf_counter()
-    images("task=a,classes=10,per_class=100,size=32")
-    assert time.perf_counter() - t < 1.0  # typically under 0.1 s
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny nets train faster on one thread, and far faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def test_learnable_by_a_tiny_cnn(one_thread):
+def test_learnable_by_a_tiny_cnn(single_thread):
     torch.manual_seed(0)
     x, y = images("task=a,classes=10,per_class=30,size=16")
     xt, yt = images("task=a,classes=10,per_class=20,size=16", "test")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from l2t_dist.cli import main
+from process_group import run_in_own_group
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("ray")
@@ -37,15 +37,7 @@ def _l2t_dist(*args: str, cwd: Path, timeout: int = 900) -> subprocess.Completed
     exe = Path(sys.executable).parent / "l2t-dist"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from l2t_dist.cli import main; "
                                                                  "sys.exit(main())"]
-    proc = subprocess.Popen(cmd + list(args), cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"l2t-dist {' '.join(args)} ran past {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_in_own_group(cmd + list(args), cwd=cwd, env=ENV, timeout=timeout, what=f"l2t-dist {' '.join(args)}")
 
 
 @pytest.fixture(scope="module")

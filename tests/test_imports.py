@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 CORE = ["l2t_dist", "l2t_dist.config", "l2t_dist.models", "l2t_dist.data", "l2t_dist.method", "l2t_dist.bilevel",
         "l2t_dist.sources.zoo", "l2t_dist.sources.colocated", "l2t_dist.train.local", "l2t_dist.train.build"]
@@ -33,15 +32,13 @@ def test_local_training_runs_without_ray_and_mlflow(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-def test_help_is_fast_and_light():
-    code = ("import sys, time; t = time.perf_counter()\n"
+def test_help_does_not_import_torch():
+    """`l2t-dist --help` and a config typo must answer without paying for torch's import."""
+    code = ("import sys\n"
             "from l2t_dist.cli import build_parser\n"
             "build_parser().format_help()\n"
-            "assert 'torch' not in sys.modules, 'the CLI shell must not import torch'\n"
-            "print(time.perf_counter() - t)\n")
+            "assert 'torch' not in sys.modules, 'the CLI shell must not import torch'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout) < 2.0
-    t = time.perf_counter()
-    assert subprocess.run([sys.executable, "-m", "l2t_dist.cli", "--help"], capture_output=True).returncode == 0
-    assert time.perf_counter() - t < 5.0  # whole interpreter start included
+    out = subprocess.run([sys.executable, "-m", "l2t_dist.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout, out.stderr

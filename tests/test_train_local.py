@@ -9,7 +9,6 @@ import torch
 
 from l2t_dist.config import parse_job
 from l2t_dist.errors import ConfigError, TrainingError
-from l2t_dist.train import local
 from l2t_dist.train.local import LocalRun, train_local
 
 

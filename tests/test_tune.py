@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +36,7 @@ import yaml
 from l2t_dist.cli import main
 from l2t_dist.config import parse_job
 from l2t_dist.errors import ConfigError
+from process_group import run_in_own_group
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_TIMEOUT_S = 420
@@ -282,14 +282,10 @@ def test_acceptance_sweep_asha_mlflow_and_registry(tmp_path):
     env["RAY_TMPDIR"] = ray_tmp
     cmd = [sys.executable, "-m", "l2t_dist.cli", "tune", str(job), "--space", str(space), "--name", "acc",
            "--register", "tiny-champ", "--json", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=SWEEP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the sweep hung for {SWEEP_TIMEOUT_S}s:\n{out[-5000:]}")
+        proc = run_in_own_group(cmd, cwd=tmp_path, env=env, timeout=SWEEP_TIMEOUT_S, merge_stderr=True,
+                                what="the sweep")
+        out = proc.stdout
     finally:
         time.sleep(1)
         leftovers = _ray_processes(ray_tmp)
