@@ -1,4 +1,4 @@
-"""Synthetic tasks: deterministic, fast, share one primitive bank across tasks, and learnable."""
+"""Synthetic tasks: deterministic, share one primitive bank across tasks, and learnable."""
 
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The core runs where Ray and MLflow are not installed (GPU boxes), and the CLI starts fast."""
+"""The core runs where Ray and MLflow are not installed (GPU boxes), and the CLI shell stays light (no torch)."""
 
 import subprocess
 import sys
