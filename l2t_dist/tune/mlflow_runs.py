@@ -12,30 +12,14 @@ The callback is pickled with the Tuner (for --resume), so it holds ids, not clie
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Optional
 
 from ray.tune import Callback
 
 from l2t_dist.config import flatten
+from l2t_dist.tracking.runs import client as _client
+from l2t_dist.tracking.runs import log_params
 from l2t_dist.tune.trial import METRICS, error_line, trial_job
-
-
-def _client(uri: str):
-    from l2t_dist.tracking.runs import client
-
-    return client(uri)
-
-
-def experiment_id(uri: str, name: str) -> str:
-    from l2t_dist.tracking.runs import experiment_id as get_or_create
-
-    return get_or_create(uri, name)  # embedded sqlite: artifacts beside the database
-
-
-def log_params(client, run_id: str, params: dict[str, Any]) -> None:
-    from l2t_dist.tracking.runs import log_params as log
-
-    log(client, run_id, params)
 
 
 def start_parent(uri: str, exp_id: str, name: str, tags: dict, params: dict) -> str:

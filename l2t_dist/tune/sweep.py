@@ -290,22 +290,23 @@ def _run(state: dict, sweep_dir: Path, space: SearchSpace, job: JobConfig, searc
     except Exception:
         # Tune itself broke (a Ctrl-C is handled by Tune: fit returns and the sweep is resumable)
         if uri is not None and state.get("mlflow"):
-            from l2t_dist.tune.mlflow_runs import _client
+            from l2t_dist.tracking.runs import client
 
-            _client(uri).set_terminated(state["mlflow"]["parent_run_id"], status="FAILED")
+            client(uri).set_terminated(state["mlflow"]["parent_run_id"], status="FAILED")
         raise
     rows = collect(results, keys, max_t)
     return _finish(state, sweep_dir, space, rows, search, uri, say)
 
 
 def _mlflow(state, sweep_dir, space, job, search, plan, uri, keys, max_t):
+    from l2t_dist.tracking.runs import experiment_id
     from l2t_dist.tune import mlflow_runs
 
     ml = state.get("mlflow")
     if ml and ml.get("uri") == uri:
         mlflow_runs.reopen(uri, ml["parent_run_id"])
     else:
-        exp_id = mlflow_runs.experiment_id(uri, job.tracking.experiment)
+        exp_id = experiment_id(uri, job.tracking.experiment)
         params = {f"space.{k}": p.describe() for k, p in space.params.items()}
         params.update({"tune.num_samples": space.num_samples, "tune.max_concurrent_trials": plan.concurrency,
                        "tune.search": search, "tune.scheduler": json.dumps(vars(space.scheduler)),
@@ -366,10 +367,10 @@ def _finish(state: dict, sweep_dir: Path, space: SearchSpace, rows: list[dict], 
 
 
 def _close_parent(state, sweep_dir, summary, rows, keys, png, interrupted, say) -> None:
-    from l2t_dist.tune.mlflow_runs import _client, log_params
+    from l2t_dist.tracking.runs import client as mlflow_client, log_params
 
     ml = state["mlflow"]
-    client = _client(ml["uri"])
+    client = mlflow_client(ml["uri"])
     parent = ml["parent_run_id"]
     for name in ("completed", "stopped_early", "failed"):
         client.log_metric(parent, f"trials_{name}", summary[name])
