@@ -51,6 +51,6 @@ def read_checkpoint(path: Path, missing: str) -> Any:
 def load_training_state(path: Path) -> dict:
     state = read_checkpoint(path, "a run directory holds last.pt once the first epoch (or checkpoint_every "
                                   "iterations) has finished")
-    if state.get("format") != FORMAT or "trainer" not in state:
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "trainer" not in state:
         raise CheckpointError(f"{str(path)!r} is not an l2t-dist training checkpoint")
     return state
