@@ -9,8 +9,13 @@ tables of docs/results.md from those files (mean and spread over seeds).
     python benchmarks/real_data_study.py --list                 # the plan, in order
     python benchmarks/real_data_study.py --only 25              # runs whose name contains "25"
     python benchmarks/real_data_study.py --table                # the tables, from the JSON files
+    python benchmarks/real_data_study.py --gains                # gain over scratch per regime
+    python benchmarks/real_data_study.py --compare benchmarks/results/real_data_gpu   # CPU vs GPU runs
     python benchmarks/real_data_study.py --lambdas c10-25-l2t_ww-s0   # λ per pair over training
     python benchmarks/real_data_study.py --heatmap c10-25-l2t_ww-s0 docs/img/lambda_c10_25.png
+    python benchmarks/real_data_study.py --change-heatmap d.png c10-100-l2t_ww-s0 c10-100-l2t_ww-s1
+    python benchmarks/real_data_study.py --device cuda --shared gpu_carry --parallel 12 --only c10-100
+                                                                # the same commands on a GPU box, 12 at once
 
 The budget is the short CPU one (20 epochs, batch 32, lr 0.01, 2% val, test every 5 epochs);
 see docs/results.md for why it differs from the paper's 200 epochs at batch 128.
@@ -26,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,20 +39,25 @@ BUDGET = ["data.batch_size=32", "data.val_fraction=0.02", "optim.lr=0.01", "opti
           "run.eval_every=5", "run.threads=2", "tracking.enabled=false"]
 # method -> overrides; fm and at on one-to-one pairs (the paper's baselines), l2t_ww all-to-all
 METHODS = {"scratch": ["method.name=scratch"], "fm": ["method.name=fm", "method.pairs=one_to_one"],
-           "at": ["method.name=at"], "l2t_w": ["method.name=l2t_w"], "l2t_ww": ["method.name=l2t_ww"]}
-RUN_ORDER = ["scratch", "fm", "l2t_ww", "at", "l2t_w"]  # the issue's three first: a cut-short study has them
+           "at": ["method.name=at"], "l2t_w": ["method.name=l2t_w"], "l2t_ww": ["method.name=l2t_ww"],
+           # the control for l2t_ww: the same 15 all-to-all pairs, fixed uniform weights, no meta-learning
+           "fm_a2a": ["method.name=fm", "method.pairs=all_to_all"]}
+RUN_ORDER = ["scratch", "fm", "l2t_ww", "at", "l2t_w", "fm_a2a"]  # the issue's three first: a cut-short study has them
 C10_SOURCE = ("sources=[{name: c10, arch: resnet20, taps: [2, 5, 8], "
               "checkpoint: ../shared/weights/akamaster_cifar10_resnet20-12fca82f.th}]")
 
 
-def plan() -> list[dict]:
-    """The runs, most important first (so a cut-short study still answers the main question)."""
+def plan(seeds: tuple = (0, 1)) -> list[dict]:
+    """The runs, most important first (so a cut-short study still answers the main question).
+    Seeds past 1 (a GPU box has time for them) add every regime once more, at the end."""
     runs = []
 
     def add(name, job, overrides, **meta):
         runs.append({"name": name, "job": job, "overrides": overrides, **meta})
 
-    for seed, regimes in ((0, (25,)), (1, (25,)), (0, (50, 100)), (1, (50, 100))):
+    order = [(0, (25,)), (1, (25,)), (0, (50, 100)), (1, (50, 100))]
+    order = [(s, r) for s, r in order if s in seeds] + [(s, (25, 50, 100)) for s in seeds if s > 1]
+    for seed, regimes in order:
         for per_class in regimes:
             for method in sorted(METHODS, key=RUN_ORDER.index):
                 extra = METHODS[method]
@@ -62,24 +73,38 @@ def plan() -> list[dict]:
     return runs
 
 
-def command(run: dict) -> list[str]:
-    return ["l2t-dist", "train", run["job"], *BUDGET, *run["overrides"], f"run.name={run['name']}",
-            "--quiet", "--json"]
+def command(run: dict, device: str = "cpu", shared: str | None = None, extra: tuple = ()) -> list[str]:
+    """The documented command of a run. Off the development machine (a GPU box) the data and the
+    checkpoints sit under `shared` instead of ../shared, and the run goes to `run.device=device`."""
+    moved = []
+    if shared is not None:
+        if run["sources"] != "tin":
+            raise SystemExit(f"--shared only moves the single-source runs, not {run['name']}")
+        moved = [f"data.path={shared}/data/cifar10-jpeg",
+                 f"sources.0.checkpoint={shared}/weights/l2tww_tinyimagenet200_resnet32_model_best.pth.tar"]
+    on_device = [f"run.device={device}"] if device != "cpu" else []
+    return ["l2t-dist", "train", run["job"], *BUDGET, *run["overrides"], *moved, *on_device, *extra,
+            f"run.name={run['name']}", "--quiet", "--json"]
 
 
-def execute(run: dict, results: Path, out_dir: Path) -> dict:
-    argv = command(run) + [f"run.out_dir={out_dir}"]
+def execute(run: dict, results: Path, out_dir: Path, device: str = "cpu", shared: str | None = None,
+            timeout: float | None = None, extra: tuple = ()) -> dict:
+    argv = command(run, device, shared, extra) + [f"run.out_dir={out_dir}"]
     if (out_dir / run["name"]).exists():  # an interrupted run (no result JSON): start it again, same command
         shutil.rmtree(out_dir / run["name"])
     exe = Path(sys.executable).parent / "l2t-dist"
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "l2t_dist.cli"]  # GPU boxes: no script
     started = time.time()
-    proc = subprocess.run([str(exe) if exe.exists() else "l2t-dist", *argv[1:]], cwd=ROOT,
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run([*launcher, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{run['name']} ran past --timeout {timeout} s; its epochs so far are in "
+                           f"{out_dir / run['name'] / 'metrics.jsonl'}") from None
     if proc.returncode != 0:
-        raise SystemExit(f"{run['name']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{run['name']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     history = [json.loads(line) for line in (out_dir / run["name"] / "metrics.jsonl").read_text().splitlines()]
-    record = {**run, "command": shlex.join(command(run)), "wall_s": round(time.time() - started, 1),
+    record = {**run, "device": device, "command": shlex.join(command(run, device, shared, extra)), "wall_s": round(time.time() - started, 1),
               "best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"],
               "test_acc_at_best_val": summary["test_acc_at_best_val"], "final_test_acc": summary["final_test_acc"],
               "images_per_s": summary["images_per_s"], "final_pairs": summary.get("pairs") or {},
@@ -108,7 +133,8 @@ def table(records: list[dict]) -> str:
             rs = sorted((r for r in limited if r["per_class"] == per_class and r["method"] == method),
                         key=lambda r: r["seed"])
             if rs:
-                seeds = ", ".join(f"s{r['seed']}: {r['test_acc_at_best_val']:.2f} (ep {r['best_epoch']})" for r in rs)
+                seeds = ", ".join(f"s{r['seed']}: {r['test_acc_at_best_val']:.2f} (ep {r['best_epoch']}"
+                                  f"{', GPU' if r.get('device', 'cpu') != 'cpu' else ''})" for r in rs)
                 lines.append(f"| {per_class} | {method} | {_mean_spread([r['test_acc_at_best_val'] for r in rs])} "
                              f"| {seeds} |")
     multi = [r for r in records if r["study"] == "multi_source"]
@@ -118,6 +144,64 @@ def table(records: list[dict]) -> str:
             lines.append(f"| {r['sources']} | {r['test_acc_at_best_val']:.2f} | {r['best_val_acc']:.2f} "
                          f"({r['best_epoch']}) |")
     return "\n".join(lines)
+
+
+def _cells(records: list[dict]) -> dict:
+    """(per_class, method) -> test accuracies at best val, of the limited-data runs."""
+    cells: dict = {}
+    for r in records:
+        if r["study"] == "limited":
+            cells.setdefault((r["per_class"], r["method"]), []).append(r["test_acc_at_best_val"])
+    return cells
+
+
+def gains_table(records: list[dict]) -> str:
+    """Each transfer method's gain over scratch per regime (difference of the seed means), in
+    points and as the relative reduction of the test error: does transfer help more with less data?"""
+    cells = _cells(records)
+    methods = [m for m in METHODS if m != "scratch"]
+    lines = ["| images per class | scratch | " + " | ".join(f"{m} gain" for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for per_class in sorted({k[0] for k in cells}):
+        base = cells.get((per_class, "scratch"))
+        if not base:
+            continue
+        b = statistics.mean(base)
+        row = []
+        for m in methods:
+            v = cells.get((per_class, m))
+            row.append(f"{statistics.mean(v) - b:+.2f} ({(statistics.mean(v) - b) / (100 - b):.1%})" if v else "")
+        lines.append(f"| {per_class} | {b:.2f} ({len(base)}) | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def compare_table(first: list[dict], second: list[dict]) -> str:
+    """The runs present in both result sets (e.g. the CPU's and a GPU box's), side by side: how far
+    two devices running one command agree, against the spread between seeds."""
+    other = {r["name"]: r for r in second}
+    both = [(r, other[r["name"]]) for r in first if r["name"] in other]
+    lines = ["| run | first | second | second - first |", "|---|---|---|---|"]
+    for a, b in both:
+        d = b["test_acc_at_best_val"] - a["test_acc_at_best_val"]
+        lines.append(f"| `{a['name']}` | {a['test_acc_at_best_val']:.2f} ({a.get('device', 'cpu')}) "
+                     f"| {b['test_acc_at_best_val']:.2f} ({b.get('device', 'cpu')}) | {d:+.2f} |")
+    if both:
+        diffs = [b["test_acc_at_best_val"] - a["test_acc_at_best_val"] for a, b in both]
+        lines.append(f"| {len(both)} runs | | | mean {statistics.mean(diffs):+.2f}, "
+                     f"mean abs {statistics.mean(abs(d) for d in diffs):.2f}, max abs {max(map(abs, diffs)):.2f} |")
+    return "\n".join(lines)
+
+
+def lambda_change(records: list[dict]) -> dict:
+    """Per pair, the change of λ from the first logged epoch to the last, averaged over runs.
+    The where-network starts from a random draw per seed, so the change (not the final value)
+    is what several seeds can agree on."""
+    per_pair: dict = {}
+    for r in records:
+        first, last = r["history"][0]["pairs"], r["history"][-1]["pairs"]
+        for k in last:
+            per_pair.setdefault(k, []).append(last[k]["lambda"] - first[k]["lambda"])
+    return {k: statistics.mean(v) for k, v in per_pair.items()}
 
 
 def lambda_table(record: dict, epochs: tuple = (1, 5, 10, 15, 20)) -> str:
@@ -141,16 +225,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "real_data"))
     ap.add_argument("--out-dir", default=str(ROOT / "runs" / "study"), help="run directories (not committed)")
-    ap.add_argument("--only", default=None, help="run only the runs whose name contains this text")
+    ap.add_argument("--only", nargs="+", default=None, help="run only the runs whose name contains one of these")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of the plan (default 0 1)")
+    ap.add_argument("--device", default="cpu", help="run.device of the runs (cpu, cuda); recorded in each result")
+    ap.add_argument("--shared", default=None, help="where data/ and weights/ are, if not ../shared (GPU boxes)")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU box; on 2 CPU cores keep 1)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per run before it is stopped")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more overrides after the budget's (recorded in each result's command)")
     ap.add_argument("--list", action="store_true", help="print the plan and the commands, run nothing")
     ap.add_argument("--table", action="store_true", help="print the tables from the results, run nothing")
+    ap.add_argument("--gains", action="store_true", help="print each method's gain over scratch per regime")
+    ap.add_argument("--compare", metavar="DIR", help="print the runs in both --results and DIR side by side")
     ap.add_argument("--lambdas", metavar="RUN", help="print the λ of RUN's pairs over training, run nothing")
     ap.add_argument("--heatmap", nargs=2, metavar=("RUN", "PNG"), help="draw RUN's final λ heat-map, run nothing")
+    ap.add_argument("--change-heatmap", nargs="+", metavar="PNG RUN",
+                    help="draw the change of λ from epoch 1 to the last epoch, averaged over the RUNs")
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     if args.table:
         print(table(load(results)))
+        return
+    if args.gains:
+        print(gains_table(load(results)))
+        return
+    if args.compare:
+        print(compare_table(load(results), load(Path(args.compare))))
         return
     if args.lambdas:
         print(lambda_table(json.loads((results / f"{args.lambdas}.json").read_text())))
@@ -162,19 +263,42 @@ def main() -> None:
         title = f"{record['name']}: learned λ after {record['history'][-1]['epoch']} epochs"
         print(lambda_heatmap(record["final_pairs"], Path(args.heatmap[1]), title))
         return
-    for run in plan():
-        if args.only and args.only not in run["name"]:
+    if args.change_heatmap:
+        from l2t_dist.tracking.plots import lambda_heatmap
+
+        png, names = Path(args.change_heatmap[0]), args.change_heatmap[1:]
+        change = lambda_change([json.loads((results / f"{n}.json").read_text()) for n in names])
+        title = f"change of λ from epoch 1 to the last, mean of {len(names)} runs"
+        print(lambda_heatmap({k: {"lambda": v} for k, v in change.items()}, png, title, centered=True,
+                             label="Δ mean λ (val batch)"))
+        return
+    todo, extra = [], tuple(args.set)
+    for run in plan(tuple(args.seeds)):
+        if args.only and not any(text in run["name"] for text in args.only):
             continue
         done = (results / f"{run['name']}.json").exists()
         if args.list:
-            print(f"{'done' if done else 'todo'}  {shlex.join(command(run))}")
-            continue
-        if done:
-            continue
+            print(f"{'done' if done else 'todo'}  {shlex.join(command(run, args.device, args.shared, extra))}")
+        elif not done:
+            todo.append(run)
+
+    def one(run: dict) -> bool:
         print(f"[study] {run['name']} ...", flush=True)
-        r = execute(run, results, Path(args.out_dir))
+        try:
+            r = execute(run, results, Path(args.out_dir), args.device, args.shared, args.timeout, extra)
+        except RuntimeError as exc:  # one failed run does not lose the others' results
+            print(f"[study] {exc}", flush=True)
+            return False
         print(f"[study] {run['name']}: test {r['test_acc_at_best_val']:.2f}% at best val {r['best_val_acc']:.2f}% "
               f"(epoch {r['best_epoch']}), {r['wall_s']:.0f} s", flush=True)
+        return True
+
+    if args.parallel > 1:  # longest first, so that the pool's runs end close together
+        todo.sort(key=lambda r: -r["per_class"] * {"l2t_ww": 4, "l2t_w": 3.5}.get(r["method"], 1))
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        ok = list(pool.map(one, todo))
+    if not all(ok):
+        raise SystemExit(f"{ok.count(False)} of {len(ok)} runs failed; see the messages above")
 
 
 if __name__ == "__main__":

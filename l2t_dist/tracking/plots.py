@@ -43,15 +43,18 @@ def lambda_grids(pairs: dict[str, dict]) -> dict[str, tuple[list[str], list[str]
             for s, taps in rows.items()}
 
 
-def lambda_heatmap(pairs: dict[str, dict], path: Path, title: str = "") -> Optional[Path]:
-    """Mean λ per (source tap, target tap), one panel per source; None when there are no pairs."""
+def lambda_heatmap(pairs: dict[str, dict], path: Path, title: str = "", centered: bool = False,
+                   label: str = "mean λ (val batch)") -> Optional[Path]:
+    """Mean λ per (source tap, target tap), one panel per source; None when there are no pairs.
+    `centered` draws signed values (a change of λ) on a diverging scale around 0."""
     import numpy as np
 
     grids = lambda_grids(pairs)
     if not grids:
         return None
     finite = [x for _, _, m in grids.values() for row in m for x in row if math.isfinite(x)]
-    vmax = max(finite, default=1.0) or 1.0
+    vmax = max((abs(x) for x in finite), default=1.0) or 1.0
+    vmin, cmap = (-vmax, "RdBu_r") if centered else (0.0, "viridis")
     n = len(grids)
     widest = max(len(c) for _, c, _ in grids.values())
     fig = _figure(1.6 + 1.1 * widest * n, 1.6 + 0.75 * max(len(r) for r, _, _ in grids.values()))
@@ -59,7 +62,7 @@ def lambda_heatmap(pairs: dict[str, dict], path: Path, title: str = "") -> Optio
     image = None
     for ax, (source, (row_taps, col_taps, matrix)) in zip(axes, grids.items()):
         data = np.ma.masked_invalid(np.array(matrix, dtype=float))
-        image = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+        image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(col_taps)), col_taps, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(row_taps)), row_taps, fontsize=8)
         ax.set_xlabel("target tap")
@@ -68,10 +71,11 @@ def lambda_heatmap(pairs: dict[str, dict], path: Path, title: str = "") -> Optio
         for i, row in enumerate(matrix):
             for j, x in enumerate(row):
                 if math.isfinite(x):
-                    ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if x < 0.6 * vmax else "black")
+                    dark = abs(x) > 0.6 * vmax if centered else x < 0.6 * vmax
+                    ax.text(j, i, f"{x:+.2f}" if centered else f"{x:.2f}", ha="center", va="center",
+                            fontsize=7, color="white" if dark else "black")
     if image is not None:
-        fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean λ (val batch)")
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label=label)
     return _save(fig, path, title)
 
 
