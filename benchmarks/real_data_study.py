@@ -45,6 +45,10 @@ METHODS = {"scratch": ["method.name=scratch"], "fm": ["method.name=fm", "method.
 RUN_ORDER = ["scratch", "fm", "l2t_ww", "at", "l2t_w", "fm_a2a"]  # the issue's three first: a cut-short study has them
 C10_SOURCE = ("sources=[{name: c10, arch: resnet20, taps: [2, 5, 8], "
               "checkpoint: ../shared/weights/akamaster_cifar10_resnet20-12fca82f.th}]")
+CHECKPOINTS = {"tin": "weights/l2tww_tinyimagenet200_resnet32_model_best.pth.tar",
+               "c10": "weights/akamaster_cifar10_resnet20-12fca82f.th"}  # under ../shared
+# "more data" or "more steps"? 50 and 100 images per class at the step count of 25 for 20 epochs
+SAME_STEPS = {50: 10, 100: 5}  # images per class -> epochs (160 SGD steps of batch 32 each)
 
 
 def plan(seeds: tuple = (0, 1)) -> list[dict]:
@@ -70,20 +74,44 @@ def plan(seeds: tuple = (0, 1)) -> list[dict]:
             add("c10src-25-l2t_ww-s0", "jobs/cifar10_limited.yaml",
                 ["method.name=l2t_ww", "data.per_class=25", "run.seed=0", C10_SOURCE],
                 study="multi_source", method="l2t_ww", per_class=25, seed=0, sources="c10")
+    # later additions, run on a GPU box first: multi-source at 25 (more seeds) and at 100 (4x the
+    # meta-steps), the single-source c10 control beside it, and the same-steps comparison
+    for seed in seeds:
+        for per_class in (25, 100):
+            if (per_class, seed) != (25, 0):
+                add(f"ms-{per_class}-l2t_ww-s{seed}", "jobs/multi_source.yaml",
+                    [f"data.per_class={per_class}", f"run.seed={seed}"], study="multi_source",
+                    method="l2t_ww", per_class=per_class, seed=seed, sources="tin+c10")
+                add(f"c10src-{per_class}-l2t_ww-s{seed}", "jobs/cifar10_limited.yaml",
+                    ["method.name=l2t_ww", f"data.per_class={per_class}", f"run.seed={seed}", C10_SOURCE],
+                    study="multi_source", method="l2t_ww", per_class=per_class, seed=seed, sources="c10")
+        for per_class, epochs in SAME_STEPS.items():
+            for method in ("scratch", "l2t_ww", "fm_a2a"):
+                add(f"c10-{per_class}-{method}-s{seed}-e{epochs}", "jobs/cifar10_limited.yaml",
+                    [*METHODS[method], f"data.per_class={per_class}", f"run.seed={seed}", f"optim.epochs={epochs}"],
+                    study="same_steps", method=method, per_class=per_class, seed=seed, sources="tin")
     return runs
+
+
+def _cost(run: dict) -> float:
+    """A run's rough relative duration: images x epochs x (pairs and meta-steps) x sources."""
+    epochs = SAME_STEPS[run["per_class"]] if run["study"] == "same_steps" else 20
+    return (run["per_class"] * epochs * {"l2t_ww": 4, "l2t_w": 3.5}.get(run["method"], 1)
+            * len(run["sources"].split("+")))
 
 
 def command(run: dict, device: str = "cpu", shared: str | None = None, extra: tuple = ()) -> list[str]:
     """The documented command of a run. Off the development machine (a GPU box) the data and the
     checkpoints sit under `shared` instead of ../shared, and the run goes to `run.device=device`."""
-    moved = []
+    overrides, moved = list(run["overrides"]), []
     if shared is not None:
-        if run["sources"] != "tin":
-            raise SystemExit(f"--shared only moves the single-source runs, not {run['name']}")
-        moved = [f"data.path={shared}/data/cifar10-jpeg",
-                 f"sources.0.checkpoint={shared}/weights/l2tww_tinyimagenet200_resnet32_model_best.pth.tar"]
+        overrides = [o.replace("../shared/", f"{shared}/") for o in overrides]
+        moved = [f"data.path={shared}/data/cifar10-jpeg"]
+        if not any(o.startswith("sources=") for o in overrides):  # the job file's own sources
+            moved += [f"sources.{i}.checkpoint={shared}/{CHECKPOINTS[name]}"
+                      for i, name in enumerate(run["sources"].split("+"))]
     on_device = [f"run.device={device}"] if device != "cpu" else []
-    return ["l2t-dist", "train", run["job"], *BUDGET, *run["overrides"], *moved, *on_device, *extra,
+    return ["l2t-dist", "train", run["job"], *BUDGET, *overrides, *moved, *on_device, *extra,
             f"run.name={run['name']}", "--quiet", "--json"]
 
 
@@ -139,18 +167,32 @@ def table(records: list[dict]) -> str:
                              f"| {seeds} |")
     multi = [r for r in records if r["study"] == "multi_source"]
     if multi:
-        lines += ["", "| sources | test acc at best val (seed 0) | best val (epoch) |", "|---|---|---|"]
-        for r in multi:
-            lines.append(f"| {r['sources']} | {r['test_acc_at_best_val']:.2f} | {r['best_val_acc']:.2f} "
-                         f"({r['best_epoch']}) |")
+        lines += ["", "| images per class | sources | test acc at best val, mean ± sd | per seed (best val epoch) |",
+                  "|---|---|---|---|"]
+        for per_class in sorted({r["per_class"] for r in multi}):
+            for sources in sorted({r["sources"] for r in multi if r["per_class"] == per_class}):
+                rs = sorted((r for r in multi if r["per_class"] == per_class and r["sources"] == sources),
+                            key=lambda r: r["seed"])
+                seeds = ", ".join(f"s{r['seed']}: {r['test_acc_at_best_val']:.2f} (ep {r['best_epoch']}"
+                                  f"{', GPU' if r.get('device', 'cpu') != 'cpu' else ''})" for r in rs)
+                lines.append(f"| {per_class} | {sources} | {_mean_spread([r['test_acc_at_best_val'] for r in rs])} "
+                             f"| {seeds} |")
+    same = [r for r in records if r["study"] == "same_steps"]
+    if same:
+        lines += ["", "| images per class | epochs (SGD steps) | method | test acc at best val, mean ± sd |",
+                  "|---|---|---|---|"]
+        for (per_class, method), accs in sorted(_cells(same, "same_steps").items()):
+            epochs = SAME_STEPS[per_class]
+            lines.append(f"| {per_class} | {epochs} ({epochs * -(-per_class * 10 // 32)}) | {method} "
+                         f"| {_mean_spread(accs)} |")
     return "\n".join(lines)
 
 
-def _cells(records: list[dict]) -> dict:
-    """(per_class, method) -> test accuracies at best val, of the limited-data runs."""
+def _cells(records: list[dict], study: str = "limited") -> dict:
+    """(per_class, method) -> test accuracies at best val, of one study's runs."""
     cells: dict = {}
     for r in records:
-        if r["study"] == "limited":
+        if r["study"] == study:
             cells.setdefault((r["per_class"], r["method"]), []).append(r["test_acc_at_best_val"])
     return cells
 
@@ -226,6 +268,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "real_data"))
     ap.add_argument("--out-dir", default=str(ROOT / "runs" / "study"), help="run directories (not committed)")
     ap.add_argument("--only", nargs="+", default=None, help="run only the runs whose name contains one of these")
+    ap.add_argument("--exact", action="store_true", help="--only names whole run names, not parts")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of the plan (default 0 1)")
     ap.add_argument("--device", default="cpu", help="run.device of the runs (cpu, cuda); recorded in each result")
     ap.add_argument("--shared", default=None, help="where data/ and weights/ are, if not ../shared (GPU boxes)")
@@ -274,7 +317,7 @@ def main() -> None:
         return
     todo, extra = [], tuple(args.set)
     for run in plan(tuple(args.seeds)):
-        if args.only and not any(text in run["name"] for text in args.only):
+        if args.only and not any(text == run["name"] if args.exact else text in run["name"] for text in args.only):
             continue
         done = (results / f"{run['name']}.json").exists()
         if args.list:
@@ -294,7 +337,7 @@ def main() -> None:
         return True
 
     if args.parallel > 1:  # longest first, so that the pool's runs end close together
-        todo.sort(key=lambda r: -r["per_class"] * {"l2t_ww": 4, "l2t_w": 3.5}.get(r["method"], 1))
+        todo.sort(key=lambda r: -_cost(r))
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         ok = list(pool.map(one, todo))
     if not all(ok):

@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 PY=${PY:-python3}
 PARALLEL=${PARALLEL:-14}
 LIMIT=${LIMIT:-480}          # seconds for the whole study part (then whatever finished comes back)
-ONLY=${ONLY:-"c10-25 c10-50 c10-100"}
+ONLY=${ONLY:-"c10-25 c10-50 c10-100 ms- c10src"}
 SEEDS=${SEEDS:-"0 1 2"}
 SET=${SET:-"run.threads=1"}
 exec > >(tee -a "$OUT/log.txt") 2>&1
