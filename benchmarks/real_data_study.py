@@ -1,5 +1,6 @@
-"""The real-data study of docs/results.md: CIFAR-10 limited data, five methods, several seeds,
-and the two-source run, each as one `l2t-dist train` command.
+"""The real-data study of docs/results.md: CIFAR-10 limited data (the paper's five methods and
+the all-to-all `fm` control), several seeds, the two-source runs and a same-steps comparison,
+each run one `l2t-dist train` command.
 
 Every finished run leaves one small JSON in --results (the exact command, its seed, the best
 val epoch, the test accuracy there, the λ of every pair after every epoch), so the study can
@@ -115,6 +116,16 @@ def command(run: dict, device: str = "cpu", shared: str | None = None, extra: tu
             f"run.name={run['name']}", "--quiet", "--json"]
 
 
+def make_record(run: dict, argv: list[str], device: str, wall_s: float, summary: dict, history: list[dict]) -> dict:
+    """A result file's content: the run, its command, the trainer's summary and the per-epoch log."""
+    return {**run, "device": device, "command": shlex.join(argv), "wall_s": wall_s,
+            "best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"],
+            "test_acc_at_best_val": summary["test_acc_at_best_val"], "final_test_acc": summary["final_test_acc"],
+            "images_per_s": summary["images_per_s"], "final_pairs": summary.get("pairs") or {},
+            "history": [{k: h.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "pairs")}
+                        for h in history]}
+
+
 def execute(run: dict, results: Path, out_dir: Path, device: str = "cpu", shared: str | None = None,
             timeout: float | None = None, extra: tuple = ()) -> dict:
     argv = command(run, device, shared, extra) + [f"run.out_dir={out_dir}"]
@@ -132,12 +143,8 @@ def execute(run: dict, results: Path, out_dir: Path, device: str = "cpu", shared
         raise RuntimeError(f"{run['name']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     history = [json.loads(line) for line in (out_dir / run["name"] / "metrics.jsonl").read_text().splitlines()]
-    record = {**run, "device": device, "command": shlex.join(command(run, device, shared, extra)), "wall_s": round(time.time() - started, 1),
-              "best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"],
-              "test_acc_at_best_val": summary["test_acc_at_best_val"], "final_test_acc": summary["final_test_acc"],
-              "images_per_s": summary["images_per_s"], "final_pairs": summary.get("pairs") or {},
-              "history": [{k: h.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "pairs")}
-                          for h in history]}
+    record = make_record(run, command(run, device, shared, extra), device, round(time.time() - started, 1),
+                         summary, history)
     (results / f"{run['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 

@@ -16,20 +16,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import real_data_study as study  # noqa: E402
 
-KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "pairs")
-
-
 def rebuild(run: dict, run_dir: Path, wall_s: float, device: str, shared: str, extra: tuple) -> dict:
+    """The record from the run's metrics.jsonl alone; the summary the trainer would have printed
+    is recomputed with its rule (strictly better val wins, so the first of equal epochs)."""
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     best = {"val_acc": -1.0, "test_acc": None, "epoch": 0}
     for h in history:
         if h["val_acc"] is not None and h["val_acc"] > best["val_acc"]:
             best = {"val_acc": h["val_acc"], "test_acc": h["test_acc"], "epoch": h["epoch"]}
-    return {**run, "device": device, "command": study.shlex.join(study.command(run, device, shared, extra)),
-            "wall_s": wall_s, "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-            "test_acc_at_best_val": best["test_acc"], "final_test_acc": history[-1]["test_acc"],
-            "images_per_s": history[-1]["images_per_s"], "final_pairs": history[-1].get("pairs") or {},
-            "history": [{k: h.get(k) for k in KEYS} for h in history], "rebuilt_from": "metrics.jsonl"}
+    summary = {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"],
+               "final_test_acc": history[-1]["test_acc"], "images_per_s": history[-1]["images_per_s"],
+               "pairs": history[-1].get("pairs")}
+    return {**study.make_record(run, study.command(run, device, shared, extra), device, wall_s, summary, history),
+            "rebuilt_from": "metrics.jsonl"}
 
 
 def main() -> None:
