@@ -159,31 +159,31 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
 
 
+def _seed_row(per_class: int, label: str, rs: list[dict]) -> str:
+    """One table row: the mean ± sd over the runs' seeds, then each seed (its best val epoch)."""
+    rs = sorted(rs, key=lambda r: r["seed"])
+    seeds = ", ".join(f"s{r['seed']}: {r['test_acc_at_best_val']:.2f} (ep {r['best_epoch']}"
+                      f"{', GPU' if r.get('device', 'cpu') != 'cpu' else ''})" for r in rs)
+    return f"| {per_class} | {label} | {_mean_spread([r['test_acc_at_best_val'] for r in rs])} | {seeds} |"
+
+
 def table(records: list[dict]) -> str:
     lines = ["| images per class | method | test acc at best val, mean ± sd | per seed (best val epoch) |",
              "|---|---|---|---|"]
     limited = [r for r in records if r["study"] == "limited"]
     for per_class in sorted({r["per_class"] for r in limited}):
         for method in METHODS:
-            rs = sorted((r for r in limited if r["per_class"] == per_class and r["method"] == method),
-                        key=lambda r: r["seed"])
+            rs = [r for r in limited if r["per_class"] == per_class and r["method"] == method]
             if rs:
-                seeds = ", ".join(f"s{r['seed']}: {r['test_acc_at_best_val']:.2f} (ep {r['best_epoch']}"
-                                  f"{', GPU' if r.get('device', 'cpu') != 'cpu' else ''})" for r in rs)
-                lines.append(f"| {per_class} | {method} | {_mean_spread([r['test_acc_at_best_val'] for r in rs])} "
-                             f"| {seeds} |")
+                lines.append(_seed_row(per_class, method, rs))
     multi = [r for r in records if r["study"] == "multi_source"]
     if multi:
         lines += ["", "| images per class | sources | test acc at best val, mean ± sd | per seed (best val epoch) |",
                   "|---|---|---|---|"]
         for per_class in sorted({r["per_class"] for r in multi}):
             for sources in sorted({r["sources"] for r in multi if r["per_class"] == per_class}):
-                rs = sorted((r for r in multi if r["per_class"] == per_class and r["sources"] == sources),
-                            key=lambda r: r["seed"])
-                seeds = ", ".join(f"s{r['seed']}: {r['test_acc_at_best_val']:.2f} (ep {r['best_epoch']}"
-                                  f"{', GPU' if r.get('device', 'cpu') != 'cpu' else ''})" for r in rs)
-                lines.append(f"| {per_class} | {sources} | {_mean_spread([r['test_acc_at_best_val'] for r in rs])} "
-                             f"| {seeds} |")
+                lines.append(_seed_row(per_class, sources, [r for r in multi if r["per_class"] == per_class
+                                                           and r["sources"] == sources]))
     same = [r for r in records if r["study"] == "same_steps"]
     if same:
         lines += ["", "| images per class | epochs (SGD steps) | method | test acc at best val, mean ± sd |",
