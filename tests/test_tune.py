@@ -267,6 +267,28 @@ def _registry_val(client, mv) -> float:
     raise AssertionError(f"no val accuracy found for {mv}")
 
 
+def _sweep_cli(tmp_path: Path, job: Path, space: Path, name: str, *more: str) -> dict:
+    """`l2t-dist tune` as a user runs it, in its own process group and Ray temp dir; it must
+    succeed and leave no Ray process behind. Returns its --json summary."""
+    ray_tmp = _short_tmp("l2tt")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_TMPDIR"] = ray_tmp
+    cmd = [sys.executable, "-m", "l2t_dist.cli", "tune", str(job), "--space", str(space), "--name", name,
+           *more, "--json", "--quiet"]
+    try:
+        proc = run_in_own_group(cmd, cwd=tmp_path, env=env, timeout=SWEEP_TIMEOUT_S, merge_stderr=True,
+                                what="the sweep")
+    finally:
+        time.sleep(1)
+        leftovers = _ray_processes(ray_tmp)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert not leftovers, "the command left Ray processes behind"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_acceptance_sweep_asha_mlflow_and_registry(tmp_path):
     """4 trials on 2 CPUs, 2 at a time: the two slow learners are stopped by ASHA."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -277,24 +299,7 @@ def test_acceptance_sweep_asha_mlflow_and_registry(tmp_path):
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "points_to_evaluate": [{"optim.lr": 0.05, "method.beta": 0.1}, {"optim.lr": 0.1, "method.beta": 1.0},
                                {"optim.lr": 1e-5, "method.beta": 0.3}, {"optim.lr": 1e-5, "method.beta": 3.0}]})
-    ray_tmp = _short_tmp("l2tt")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["RAY_TMPDIR"] = ray_tmp
-    cmd = [sys.executable, "-m", "l2t_dist.cli", "tune", str(job), "--space", str(space), "--name", "acc",
-           "--register", "tiny-champ", "--json", "--quiet"]
-    try:
-        proc = run_in_own_group(cmd, cwd=tmp_path, env=env, timeout=SWEEP_TIMEOUT_S, merge_stderr=True,
-                                what="the sweep")
-        out = proc.stdout
-    finally:
-        time.sleep(1)
-        leftovers = _ray_processes(ray_tmp)
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, out[-5000:]
-    assert not leftovers, "the command left Ray processes behind"
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = _sweep_cli(tmp_path, job, space, "acc", "--register", "tiny-champ")
 
     # the table: 4 trials, at least one stopped early by ASHA, the best by val
     sweep_dir = tmp_path / "runs" / "acc"
@@ -347,6 +352,33 @@ def test_acceptance_sweep_asha_mlflow_and_registry(tmp_path):
     assert str(mv.version) == str(reg["version"])
     assert mv.run_id == best_child.info.run_id
     assert _registry_val(client, mv) == logged_best
+
+
+def test_optuna_search_samples_what_a_seeded_tpe_samples(tmp_path):
+    """`search: optuna` really drives the trials through Optuna's TPE: the sweep's parameters
+    are exactly what optuna's own TPESampler with the space's seed asks for first (its
+    start-up trials), so the space's distributions and seed reach Optuna intact."""
+    import optuna  # a test dependency (pyproject [test])
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    job = write_yaml(tmp_path / "job.yaml", tiny_job(tmp_path / "runs", cluster={"num_cpus": 2},
+                                                      optim={"lr": 0.05, "epochs": 1}))
+    space = write_yaml(tmp_path / "space.yaml", {
+        "params": {"optim.lr": {"loguniform": [1e-4, 0.1]}, "optim.momentum": {"choice": [0.0, 0.9]}},
+        "num_samples": 3, "max_concurrent_trials": 1, "search": "optuna", "seed": 0})
+    summary = _sweep_cli(tmp_path, job, space, "opt")
+    assert summary["search"] == "optuna-tpe" and summary["failed"] == 0 and len(summary["trials"]) == 3
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    expected = []
+    for _ in range(3):
+        trial = study.ask({"optim.lr": FloatDistribution(1e-4, 0.1, log=True),
+                           "optim.momentum": CategoricalDistribution([0.0, 0.9])})
+        expected.append((trial.params["optim.lr"], trial.params["optim.momentum"]))
+        study.tell(trial, 0.0)
+    got = [(t["params"]["optim.lr"], t["params"]["optim.momentum"]) for t in summary["trials"]]
+    assert sorted(got) == sorted(expected)
 
 
 @pytest.fixture(scope="module")
