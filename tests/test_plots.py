@@ -3,12 +3,9 @@
 
 import math
 
-import pytest
+from matplotlib.image import imread  # matplotlib comes with mlflow, a dependency
 
-pytest.importorskip("matplotlib")
-from matplotlib.image import imread  # noqa: E402
-
-from l2t_dist.tracking.plots import lambda_grids, lambda_heatmap  # noqa: E402
+from l2t_dist.tracking.plots import lambda_grids, lambda_heatmap
 
 PAIRS = {"tin:block4->stage0": {"lambda": 0.5}, "tin:block4->stage1": {"lambda": -0.5},
          "tin:block9->stage1": {"lambda": 0.0}}
@@ -20,7 +17,7 @@ def test_grid_has_nan_where_no_pair():
     assert matrix[0] == [0.5, -0.5] and math.isnan(matrix[1][0]) and matrix[1][1] == 0.0
 
 
-def test_signed_map_centres_zero_on_white(tmp_path):
+def test_signed_map_draws_opposite_hues(tmp_path):
     """On the diverging scale +0.5 and -0.5 get opposite hues (red and blue); the default
     0-based viridis scale has no red at all."""
     png = lambda_heatmap(PAIRS, tmp_path / "d.png", "change", centered=True, label="Δλ")

@@ -28,7 +28,7 @@ def _job(argv: list[str]):
     return load_job(str(ROOT / args.job), args.overrides)
 
 
-def test_names_are_unique_and_the_default_plan_is_a_prefix_by_name():
+def test_names_are_unique_and_the_default_plan_is_part_of_the_full_one():
     names = [r["name"] for r in PLAN]
     assert len(names) == len(set(names))
     assert {r["name"] for r in study.plan()} <= set(names)
