@@ -137,6 +137,10 @@ class RunConfig(_Section):
     checkpoint_every: Optional[int] = Field(None, ge=1, description="also checkpoint every K iterations")
     max_iters_per_epoch: Optional[int] = Field(None, ge=1, description="cap iterations per epoch (smoke runs)")
     eval_every: int = Field(1, ge=1, description="evaluate val and test every k epochs (and after the last)")
+    trace: bool = Field(False, description="write RUN_DIR/trace.jsonl: metrics, λ and checksums of every iteration")
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="floating-point type of the training process (torch's default dtype there); "
+                               "float64 is for exactness checks, served sources still compute in float32")
 
 
 class ClusterConfig(_Section):

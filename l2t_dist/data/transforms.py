@@ -52,12 +52,13 @@ class RandomCropFlip:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) in 0..255 -> float32 standardised with the ImageNet mean and std."""
+    """uint8 (..., 3, H, W) in 0..255 -> floats (torch's default dtype) standardised with the
+    ImageNet mean and std."""
     if x.dtype != torch.uint8:
         raise ValueError(f"normalize expects uint8 images in 0..255, got {x.dtype}")
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x.float().div_(255.0) - mean) / std
+    return (x.to(mean.dtype).div_(255.0) - mean) / std
 
 
 def train_224_transform():

@@ -274,6 +274,7 @@ class DataParallelRun(LocalRun):
         self.timing["step_s"] += time.perf_counter() - started
         self.timing["steps"] += 1
         out = dict(zip(keys, vec.tolist()))
+        self._trace(x, y, feats, out, b)
         self._progress_line(b, len(yb), out)
         return out
 

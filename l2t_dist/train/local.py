@@ -70,6 +70,7 @@ class LocalRun:
         self.callbacks = list(callbacks)
         if job.run.threads:
             torch.set_num_threads(job.run.threads)
+        torch.set_default_dtype(getattr(torch, job.run.dtype))
         self.device = pick_device(job.run.device)
         torch.manual_seed(job.run.seed)
         self.data: TaskData = prepare_data(job.data)
@@ -116,6 +117,10 @@ class LocalRun:
         set_rng_state(tr["rng"])
         if self.writer:
             self.log.truncate_after(self.epoch, self.global_step)
+            if self.job.run.trace:
+                from l2t_dist.train.trace import trace_log
+
+                trace_log(self.run_dir).truncate_after(self.epoch, self.global_step)
 
     # ---- the loop
     def run(self) -> dict:
@@ -147,7 +152,17 @@ class LocalRun:
         from l2t_dist.data import normalize
 
         x, y = normalize(xb).to(self.device), yb.to(self.device)
-        return self.trainee.step(x, y, self.trainee.bank.features(x))
+        feats = self.trainee.bank.features(x)
+        m = self.trainee.step(x, y, feats)
+        self._trace(x, y, feats, m, b)
+        return m
+
+    def _trace(self, x, y, feats, m: dict, b: int) -> None:
+        if self.job.run.trace and self.writer:
+            from l2t_dist.train.trace import trace_log, trace_record
+
+            trace_log(self.run_dir).write(trace_record(self.trainee, x, y, feats, m, self.epoch, b,
+                                                       self.global_step + 1))
 
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
