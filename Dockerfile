@@ -13,7 +13,16 @@
 #
 # Running it (one machine, a Ray head node, worker nodes, submitting a job with
 # MLFLOW_TRACKING_URI): README.md, section "Docker". tests/test_dockerfile.py checks this file
-# against the package.
+# and that recipe against the package.
+#
+# Security: a Ray cluster runs any code that reaches its ports unauthenticated, so the recipe
+# runs every node and client with token authentication (RAY_AUTH_MODE=token, the token file
+# mounted read-only and named by RAY_AUTH_TOKEN_PATH) and keeps the dashboard and job API on
+# 127.0.0.1. Its ports (GCS 6379, dashboard/job API 8265, Ray client 10001, dashboard agent
+# 52365, workers 10002-19999, MLflow 5000) must stay on a private network: this image EXPOSEs
+# none, and none should be published with `-p PORT:PORT` (every interface). A shared MLflow
+# server needs MLflow's basic-auth app (`mlflow[auth]`, not installed here; the README builds
+# an image on top of this one for it) or an authenticating reverse proxy.
 
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}

@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README):
 #   make demo   - install into .venv, then run the main job on embedded defaults
-#   make test   - install into .venv, then run the whole test suite
+#   make test   - install into .venv, then lint (ruff) and run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The torch wheel is platform-specific; override for your machine, e.g. TORCH="torch torchvision".
@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/l2t-dist demo
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 .PHONY: install demo test

@@ -1,6 +1,6 @@
 """The data-parallel loop on CUDA without Ray: torch.multiprocessing + a process group.
 
-For GPU boxes that have torch but no Ray: runs DataParallelRun (distributed/dataparallel.py)
+For GPU boxes that have torch but no Ray: runs the training loop with the DataParallel strategy (train/parallel.py)
 with `--world` ranks on the visible GPUs (NCCL when every rank has its own GPU, else gloo with
 CUDA tensors), a colocated source, and writes JSON with images/s, the replica check and the
 max difference from the one-process CPU simulation of the same algorithm.
@@ -50,15 +50,16 @@ def _rank(rank: int, world: int, tmp: str, ckpt: str, backend: str, iters: int) 
     deterministic_cuda()
 
     from l2t_dist.config import parse_job
-    from l2t_dist.distributed.dataparallel import DataParallelRun
+    from l2t_dist.train.loop import TrainingLoop
+    from l2t_dist.train.parallel import DataParallel
 
     n_gpu = torch.cuda.device_count()
     torch.cuda.set_device(rank % n_gpu)
     dist.init_process_group(backend, init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
     job = parse_job(job_tree(tmp, ckpt, "cuda", iters))
     t0 = time.perf_counter()
-    run = DataParallelRun(job, Path(tmp) / "dp", rank=rank, world=world)
-    summary = run.run()
+    run = TrainingLoop(job, Path(tmp) / "dp", parallel=DataParallel(rank, world))
+    summary = run.run().to_dict()
     out = {"summary": {k: v for k, v in summary.items() if k != "pairs"}, "seconds": time.perf_counter() - t0,
            "theta": {n: p.detach().cpu() for n, p in run.trainee.objective.student.named_parameters()},
            "phi": {n: p.detach().cpu() for n, p in run.trainee.objective.meta.named_parameters()}}

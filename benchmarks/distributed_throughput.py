@@ -85,7 +85,7 @@ def main() -> None:
             for name, cluster in runs.items():
                 t0 = time.perf_counter()
                 s = train_ray(job_for(work, sources, f"{name}-{rep}", args.iters, args.batch, args.cpus, **cluster),
-                              quiet=True)
+                              quiet=True).to_dict()
                 samples[name].append({"images_per_s": s["images_per_s"], "wait_fraction": s.get("wait_fraction"),
                                       "feature_bytes_per_image": s.get("feature_bytes_per_image"),
                                       "wall_s": time.perf_counter() - t0})

@@ -52,11 +52,11 @@ ALL = ("scratch:fp32:eager,l2t_ww:fp32:eager,scratch:bf16:eager,l2t_ww:bf16:eage
 
 def build(method: str, batch: int, T: int, device):
     import torch
+    from step_throughput import job_for
 
     from l2t_dist.models import build_model
     from l2t_dist.sources.colocated import LoadedSource
     from l2t_dist.train.build import build_trainee
-    from step_throughput import job_for
 
     torch.manual_seed(0)
     job = job_for(method, batch, T, "keep")
@@ -132,6 +132,8 @@ def plain_fn(trainee, x, y, precision: str, device, cache: bool = True):
 def measure(variant: str, args, device) -> dict:
     import torch
 
+    from l2t_dist.sources.feeder import source_features
+
     method, precision, mode = variant.split(":")
     trainee = build(method, args.batch, args.T, device)
     # The same random batch every iteration: at the paper's lr 0.1 the random-weight model
@@ -181,7 +183,7 @@ def measure(variant: str, args, device) -> dict:
     else:
         def one():
             with autocast(device, precision):
-                return trainee.step(x, y, trainee.bank.features(x))
+                return trainee.step(x, y, source_features(trainee.sources, trainee.requests, x))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -228,7 +230,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--lr", type=float, default=1e-3, help="SGD lr of the benchmarked steps (speed does not depend on it)")
+    ap.add_argument("--lr", type=float, default=1e-3,
+                    help="SGD lr of the benchmarked steps (speed does not depend on it)")
     ap.add_argument("--variants", default=ALL)
     ap.add_argument("--no-phases", dest="phases", action="store_false", help="skip the per-phase timing pass")
     ap.add_argument("--json", metavar="OUT", required=True)

@@ -14,6 +14,9 @@ from l2t_dist.errors import L2TError
 
 EXIT_BAD_INPUT = 2
 EXIT_RUNTIME = 3
+ARCH_HELP = "architecture: a built-in name (e.g. l2t_resnet32), tv:NAME (torchvision) or timm:NAME (timm)"
+UNSAFE_HELP = ("DANGEROUS: unpickle the checkpoint in full if it holds Python objects beyond tensors; that runs "
+               "any code the file holds, so use it only for files you trust")
 
 
 def _add_sources(sub) -> None:
@@ -21,23 +24,27 @@ def _add_sources(sub) -> None:
     ssub = sources.add_subparsers(dest="action", required=True)
 
     ins = ssub.add_parser("inspect", help="print a model's feature taps and a checkpoint's metadata")
-    ins.add_argument("checkpoint", nargs="?", help="checkpoint file; omit to inspect the built-in architecture")
-    ins.add_argument("--arch", required=True, help="architecture name, e.g. l2t_resnet32")
-    ins.add_argument("--image-size", type=int, default=32)
+    ins.add_argument("checkpoint", nargs="?", help="checkpoint file; omit to inspect the architecture itself")
+    ins.add_argument("--arch", required=True, help=ARCH_HELP)
+    ins.add_argument("--image-size", type=int, default=32, help="input side at which the tap sizes are shown")
     ins.add_argument("--num-classes", type=int, default=None)
+    ins.add_argument("--allow-unsafe-pickle", action="store_true", help=UNSAFE_HELP)
     ins.add_argument("--json", action="store_true", help="print one JSON object")
     ins.set_defaults(func=_cmd_sources_inspect)
 
     ev = ssub.add_parser("eval", help="top-1 accuracy of a checkpoint on a dataset split")
     ev.add_argument("checkpoint")
-    ev.add_argument("--arch", required=True)
-    ev.add_argument("--data", required=True, metavar="KIND:PATH", help="e.g. parquet:../shared/data/cifar10-exact-subset")
-    ev.add_argument("--split", required=True, help="split as named on disk (train, test, val, or a parquet shard prefix)")
+    ev.add_argument("--arch", required=True, help=ARCH_HELP)
+    ev.add_argument("--data", required=True, metavar="KIND:PATH",
+                    help="e.g. parquet:../shared/data/cifar10-exact-subset")
+    ev.add_argument("--split", required=True,
+                    help="split as named on disk (train, test, val, or a parquet shard prefix)")
     ev.add_argument("--holdout", choices=("all", "train", "val"), default="all",
                     help="evaluate on the whole split, or on the train/val part of the protocol's 10%% hold-out")
     ev.add_argument("--image-size", type=int, default=32)
     ev.add_argument("--batch-size", type=int, default=500)
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ev.add_argument("--allow-unsafe-pickle", action="store_true", help=UNSAFE_HELP)
     ev.add_argument("--json", action="store_true", help='last line: {"top1": <percent>, "n": <images>}')
     ev.set_defaults(func=_cmd_sources_eval)
 
@@ -56,7 +63,8 @@ def _add_train(sub) -> None:
     tr.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
     tr.set_defaults(func=_cmd_train)
 
-    job = sub.add_parser("job", help="validate a job file and print it with every default filled in")
+    job = sub.add_parser("job", help="validate a job file (schema, taps and pairs of its architectures; no data or "
+                                     "checkpoints are read) and print it with every default filled in")
     job.add_argument("job", nargs="?", help="job YAML file to validate and print (omit: the schema defaults)")
     job.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. method.name=fm")
     job.add_argument("--schema-md", action="store_true",
@@ -163,20 +171,23 @@ def _parse_data(spec: str) -> tuple[str, str]:
 def _cmd_sources_inspect(args) -> int:
     from l2t_dist.sources.inspect import inspect_source
 
-    report = inspect_source(args.checkpoint, args.arch, args.image_size, args.num_classes)
+    report = inspect_source(args.checkpoint, args.arch, args.image_size, args.num_classes,
+                            allow_unsafe_pickle=args.allow_unsafe_pickle)
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"architecture: {report['arch']}  classes: {report['num_classes']}  "
-          f"parameters: {report['parameters']:,}")
+          f"embedding: {report['embedding_dim']}  parameters: {report['parameters']:,}")
     if report["checkpoint"]:
         print(f"checkpoint:   {report['checkpoint']}")
         for key, value in report["meta"].items():
             print(f"  {key}: {value}")
     print(f"taps at {args.image_size}x{args.image_size} input:")
-    print(f"  {'#':>3}  {'name':<12} {'channels':>8}  {'size':>7}")
+    width = max([12] + [len(t["name"]) for t in report["taps"]])
+    print(f"  {'#':>3}  {'name':<{width}} {'channels':>8}  {'size':>9}  {'stride':>6}")
     for i, tap in enumerate(report["taps"]):
-        print(f"  {i:>3}  {tap['name']:<12} {tap['channels']:>8}  {tap['height']:>3}x{tap['width']:<3}")
+        size = f"{tap['height']}x{tap['width']}"
+        print(f"  {i:>3}  {tap['name']:<{width}} {tap['channels']:>8}  {size:>9}  {tap['stride']:>6}")
     return 0
 
 
@@ -186,7 +197,8 @@ def _cmd_sources_eval(args) -> int:
     kind, path = _parse_data(args.data)
     result = evaluate_checkpoint(args.checkpoint, args.arch, kind, path, args.split,
                                  image_size=args.image_size, batch_size=args.batch_size,
-                                 holdout=args.holdout, limit=args.limit)
+                                 holdout=args.holdout, limit=args.limit,
+                                 allow_unsafe_pickle=args.allow_unsafe_pickle)
     if not args.json:
         print(f"{args.arch} on {kind}:{path} [{args.split}/{args.holdout}]: "
               f"top-1 {result['top1']:.2f}% over {result['n']} images")
@@ -210,30 +222,43 @@ def _cmd_job(args) -> int:
 
         print(render(), end="")
         return 0
-    print(dump_job(load_job(*_job_and_overrides(args))), end="")
+    job = load_job(*_job_and_overrides(args))
+    from l2t_dist.validate import check_job  # imports torch: builds the models without weights
+
+    check_job(job)  # taps, pairs, image size: train's own errors, without data or checkpoints
+    print(dump_job(job), end="")
     return 0
+
+
+def train_job(job, resume=None, backend: str = "local", quiet: bool = False, address=None):
+    """A training run with its MLflow run (when tracking is on): the one path of `l2t-dist
+    train` and of the demo. The MLflow run ends FAILED (KILLED on Ctrl-C), never RUNNING."""
+    from l2t_dist.tracking.callback import close, start_tracking  # MLflow itself is imported lazily
+
+    tracker = start_tracking(job, resume)  # an unreachable store fails here, before data and models
+    try:
+        if backend == "ray":
+            from l2t_dist.distributed.launcher import train_ray  # imports Ray only here
+
+            summary = train_ray(job, resume=resume, quiet=quiet, address=address, tracking=tracker)
+        else:
+            from l2t_dist.train.local import train_local
+
+            summary = train_local(job, resume=resume, quiet=quiet, callbacks=[tracker] if tracker else ())
+    except BaseException as err:
+        close(tracker, err)
+        raise
+    close(tracker, None)
+    return summary
 
 
 def _cmd_train(args) -> int:
     from l2t_dist.config import load_job
-    from l2t_dist.tracking.callback import close, start_tracking  # MLflow itself is imported lazily
-    from l2t_dist.train.local import train_local
 
     job = load_job(*_job_and_overrides(args)) if not args.resume else None
-    tracker = start_tracking(job, args.resume)  # an unreachable store fails here, before data and models
-    try:
-        if args.backend == "ray":
-            from l2t_dist.distributed.launcher import train_ray  # imports Ray only here
-
-            summary = train_ray(job, resume=args.resume, quiet=args.quiet, address=args.address, tracking=tracker)
-        else:
-            summary = train_local(job, resume=args.resume, quiet=args.quiet, callbacks=[tracker] if tracker else ())
-    except BaseException as err:
-        close(tracker, err)  # the MLflow run ends FAILED (KILLED on Ctrl-C), never stays RUNNING
-        raise
-    close(tracker, None)
+    summary = train_job(job, args.resume, args.backend, args.quiet, args.address)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary.to_dict()))
     return 0
 
 

@@ -13,16 +13,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from l2t_dist.errors import ConfigError
+from l2t_dist.method.methods import get_method, method_names
+from l2t_dist.models.names import ARCH_NAMES, check_arch  # torch-free; tv:/timm: names import their library
 
-ARCH_NAMES = (
-    "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-    "l2t_resnet20", "l2t_resnet32", "vgg9_bn", "resnet18", "resnet34",
-)
 DATA_KINDS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "parquet", "synthetic")
-METHODS = ("scratch", "lwf", "at", "fm", "l2t_w", "l2t_ww")
 PAIR_PRESETS = ("single", "one_to_one", "all_to_all")
-# The paper's pairing for each method when the job does not say.
-DEFAULT_PAIRS = {"at": "one_to_one", "fm": "single", "l2t_w": "one_to_one", "l2t_ww": "all_to_all"}
+# The method names come from the registry (l2t_dist/method/methods.py, torch-free), so that a
+# new method is one class there; a Literal keeps the schema's enum and its error message.
+MethodName = Literal[method_names()]
 
 TapSpec = Union[int, str]
 
@@ -31,10 +29,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+ARCH_DESCRIPTION = ("architecture: " + ", ".join(ARCH_NAMES) + ", or tv:NAME (any torchvision classification "
+                    "model, e.g. tv:resnet50) or timm:NAME (any timm model, e.g. timm:efficientnet_b0), built "
+                    "without weights")
+TAPS_DESCRIPTION = ("taps to offer for matching: indices, tap names (`l2t-dist sources inspect` lists them) or, for "
+                    "tv:/timm: models, any module path; default: the end of each stage")
+
+
 def _check_arch(value: str) -> str:
-    if value not in ARCH_NAMES:
-        raise ValueError(f"unknown architecture {value!r}; allowed: {', '.join(ARCH_NAMES)}")
-    return value
+    """Built-in names are checked here; tv:/timm: names against the library's own list (imported
+    only then), with close matches on a typo."""
+    try:
+        return check_arch(value)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
 
 
 class DataConfig(_Section):
@@ -60,10 +68,15 @@ class SourceConfig(_Section):
     """One frozen, pretrained source network."""
 
     name: str = Field(..., min_length=1, description="a short name, used in pair names and metrics")
-    arch: str = Field(..., description="architecture, one of " + ", ".join(ARCH_NAMES))
-    checkpoint: str = Field(..., description="checkpoint file (L2T-ww, akamaster, state_dict or l2t-dist format)")
-    taps: Optional[list[TapSpec]] = Field(None, description="taps to offer for matching; default: the end of each stage")
-    num_classes: Optional[int] = Field(None, ge=1, description="classes of the source task; default: from the checkpoint")
+    arch: str = Field(..., description=ARCH_DESCRIPTION)
+    checkpoint: str = Field(..., description="checkpoint file (L2T-ww, akamaster, a state_dict, safetensors or "
+                                             "l2t-dist format)")
+    taps: Optional[list[TapSpec]] = Field(None, description=TAPS_DESCRIPTION)
+    num_classes: Optional[int] = Field(None, ge=1,
+                                       description="classes of the source task; default: from the checkpoint")
+    allow_unsafe_pickle: bool = Field(
+        False, description="DANGEROUS: unpickle the checkpoint in full if it holds Python objects beyond tensors "
+                           "(a pickle can run any code while it loads); only for a file you trust")
 
     @field_validator("arch")
     @classmethod
@@ -74,8 +87,8 @@ class SourceConfig(_Section):
 class TargetConfig(_Section):
     """The network that is trained on the target task."""
 
-    arch: str = Field("vgg9_bn", description="architecture, one of " + ", ".join(ARCH_NAMES))
-    taps: Optional[list[TapSpec]] = Field(None, description="taps to offer for matching; default: the end of each stage")
+    arch: str = Field("vgg9_bn", description=ARCH_DESCRIPTION)
+    taps: Optional[list[TapSpec]] = Field(None, description=TAPS_DESCRIPTION)
 
     @field_validator("arch")
     @classmethod
@@ -86,10 +99,11 @@ class TargetConfig(_Section):
 class MethodConfig(_Section):
     """Which transfer method, on which pairs, with which strength."""
 
-    name: Literal["scratch", "lwf", "at", "fm", "l2t_w", "l2t_ww"] = "l2t_ww"
+    name: MethodName = "l2t_ww"
     pairs: Optional[Union[Literal["single", "one_to_one", "all_to_all"], list[list[str]]]] = Field(
-        None, description="single, one_to_one, all_to_all, or a list of [source:tap, target_tap]; "
-                          "default: fm single, at/l2t_w one_to_one, l2t_ww all_to_all")
+        None, description="single, one_to_one, all_to_all, or a list of [source:tap, target_tap]; default: "
+                          + ", ".join(f"{m.name} {m.default_pairs}" for m in map(get_method, method_names())
+                                      if m.uses_pairs))
     beta: float = Field(0.5, ge=0.0, description="weight of the transfer loss")
     T: int = Field(2, ge=1, le=50, description="matching steps in the look-ahead")
     where: Literal["relu6", "relu", "const"] = Field("relu6", description="where-network type")
@@ -107,7 +121,8 @@ class MethodConfig(_Section):
         return v
 
     def resolved_pairs(self):
-        return self.pairs if self.pairs is not None else DEFAULT_PAIRS.get(self.name)
+        """The job's pairs, else the method's preset (the paper's pairing); None: no pairs."""
+        return self.pairs if self.pairs is not None else get_method(self.name).default_pairs
 
 
 class OptimConfig(_Section):
@@ -155,6 +170,9 @@ class ClusterConfig(_Section):
     cpus_per_worker: Optional[float] = Field(
         None, gt=0, description="CPUs per worker (fractions allowed); default: fit the free CPUs")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions allowed)")
+    memory_per_worker_gb: Optional[float] = Field(
+        None, ge=0, description="memory (GiB) Ray reserves per worker; default: estimated from the job "
+                                "(docs/distributed.md); 0: reserve none")
     worker_resources: dict[str, float] = Field(default_factory=dict,
                                                description="custom Ray resources per worker (pins workers to nodes)")
     sources_mode: Literal["served", "colocated"] = Field(
@@ -164,6 +182,8 @@ class ClusterConfig(_Section):
     cpus_per_source_actor: Optional[float] = Field(
         None, gt=0, description="CPUs per source actor (fractions allowed); default: fit the free CPUs")
     gpus_per_source_actor: float = Field(0.0, ge=0, description="GPUs per source actor (fractions allowed)")
+    memory_per_source_actor_gb: Optional[float] = Field(
+        None, ge=0, description="memory (GiB) Ray reserves per source actor; default: estimated; 0: reserve none")
     source_resources: dict[str, float] = Field(default_factory=dict,
                                                description="custom Ray resources per source actor")
     feature_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="transport dtype of served features")
@@ -219,11 +239,12 @@ class JobConfig(_Section):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
-        if self.method.name != "scratch" and not self.sources:
-            raise ValueError(f"method {self.method.name!r} needs at least one entry under 'sources' "
+        method = get_method(self.method.name)
+        if method.needs_sources and not self.sources:
+            raise ValueError(f"method {method.name!r} needs at least one entry under 'sources' "
                              "(name, arch, checkpoint); use method.name=scratch to train without one")
-        if self.method.name == "lwf" and len(self.sources) != 1:
-            raise ValueError("method 'lwf' takes exactly one source")
+        if method.single_source and len(self.sources) != 1:
+            raise ValueError(f"method {method.name!r} takes exactly one source")
         return self
 
 

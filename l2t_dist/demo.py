@@ -80,6 +80,7 @@ def parse_data_root(spec: str, per_class: int) -> dict:
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True, backend: str = "ray",
              data_root: Optional[str] = None, source_specs: Sequence[str] = (), tracking_uri: Optional[str] = None,
              per_class: int = 10) -> dict:
+    from l2t_dist.cli import train_job
     from l2t_dist.train.local import train_local
 
     out = Path(out_dir)
@@ -94,9 +95,9 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True
         for name, task, arch, taps in SOURCES:
             print(f"[demo] pretraining source {name} ({arch}) on synthetic task {task} ...", flush=True)
             s = train_local(source_job(name, task, arch, out, src_epochs), quiet=quiet)
-            print(f"[demo]   {name}: test accuracy {s['test_acc_at_best_val']:.1f}%", flush=True)
+            print(f"[demo]   {name}: test accuracy {s.test_acc_at_best_val:.1f}%", flush=True)
             sources.append({"name": name, "arch": arch, "checkpoint": str(out / name / "best.pt"), "taps": taps})
-    runner = _RayRunner(quiet) if backend == "ray" else _LocalRunner(quiet)
+    started_ray = _start_ray() if backend == "ray" else False
     results = {}
     try:
         for method in ("scratch", "l2t_ww"):
@@ -104,9 +105,12 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True
             print(f"[demo] training the target ({data['kind']}, {data['per_class']} images per class) with "
                   f"{method} on {where} ...", flush=True)
             job = target_job(method, sources, out, tgt_epochs, data, tracking=tracking)
-            results[method] = runner.train(job)
+            results[method] = train_job(job, backend=backend, quiet=quiet).to_dict()
     finally:
-        runner.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     elapsed = time.perf_counter() - started
     _print_table(results, elapsed, tracking)
     return {"results": results, "seconds": elapsed}
@@ -124,54 +128,13 @@ def _tracking(uri: Optional[str]) -> dict:
             "heatmap_every": 5}
 
 
-class _LocalRunner:
-    """Trains one target job in this process, tracked in MLflow like `l2t-dist train`."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def train(self, job: JobConfig) -> dict:
-        from l2t_dist.tracking.callback import close, start_tracking
-
-        tracker = start_tracking(job)
-        try:
-            summary = self._fit(job, tracker)
-        except BaseException as err:
-            close(tracker, err)
-            raise
-        close(tracker, None)
-        return summary
-
-    def _fit(self, job: JobConfig, tracker) -> dict:
-        from l2t_dist.train.local import train_local
-
-        return train_local(job, quiet=self.quiet, callbacks=[tracker] if tracker else ())
-
-    def close(self) -> None:
-        pass
-
-
-class _RayRunner(_LocalRunner):
+def _start_ray() -> bool:
     """One local Ray for both target runs (starting Ray costs seconds)."""
+    from l2t_dist.config import ClusterConfig
+    from l2t_dist.distributed.launcher import connect
 
-    def __init__(self, quiet: bool):
-        super().__init__(quiet)
-        from l2t_dist.config import ClusterConfig
-        from l2t_dist.distributed.launcher import connect
-
-        print("[demo] starting a local Ray ...", flush=True)
-        self.started = connect(ClusterConfig(), quiet=True)
-
-    def _fit(self, job: JobConfig, tracker) -> dict:
-        from l2t_dist.distributed.launcher import train_ray
-
-        return train_ray(job, quiet=self.quiet, tracking=tracker)
-
-    def close(self) -> None:
-        if self.started:
-            import ray
-
-            ray.shutdown()
+    print("[demo] starting a local Ray ...", flush=True)
+    return connect(ClusterConfig(), quiet=True)
 
 
 def _print_table(results: dict, elapsed: float, tracking: dict) -> None:

@@ -8,8 +8,17 @@ recurrence that we write out explicitly.
 import pytest
 import torch
 
-from l2t_dist.bilevel import (FactoredObjective, FunctionObjective, SGDHyper, hypergradient, lookahead_loss,
-                              sgd_step_, sgd_update, unrolled_hypergradient, zero_bufs)
+from l2t_dist.bilevel import (
+    FactoredObjective,
+    FunctionObjective,
+    SGDHyper,
+    hypergradient,
+    lookahead_loss,
+    sgd_step_,
+    sgd_update,
+    unrolled_hypergradient,
+    zero_bufs,
+)
 from l2t_dist.errors import ConfigError
 
 F64 = torch.float64

@@ -2,7 +2,7 @@
 
 import pytest
 
-from l2t_dist.config import DEFAULT_PAIRS, apply_overrides, dump_job, flatten, load_job, parse_job
+from l2t_dist.config import apply_overrides, dump_job, flatten, load_job, parse_job
 from l2t_dist.errors import ConfigError
 
 SOURCE = {"name": "tin", "arch": "l2t_resnet32", "checkpoint": "x.pth"}
@@ -17,9 +17,45 @@ def test_defaults_are_the_paper_settings():
     assert job.method.resolved_pairs() == "all_to_all"
 
 
-@pytest.mark.parametrize("method,preset", sorted(DEFAULT_PAIRS.items()))
-def test_pair_defaults_per_method(method, preset):
-    assert parse_job({"sources": [SOURCE], "method": {"name": method}}).method.resolved_pairs() == preset
+# The paper's pairing, as golden facts: TinyImageNet ResNet32 (taps 4, 9, 14, the end of each
+# stage: 16@32, 32@16, 64@8) into VGG9-bn (stage0-4: 64@32, 128@16, 256@8, 512@4, 512@2).
+STAGE_ENDS = ("block4", "block9", "block14")
+PAPER_PAIRS = {
+    "scratch": [],
+    "lwf": [],
+    "fm": ["tin:block14->stage2"],                                                   # single: the deepest
+    "at": ["tin:block4->stage0", "tin:block9->stage1", "tin:block14->stage2"],       # one-to-one, by size
+    "l2t_w": ["tin:block4->stage0", "tin:block9->stage1", "tin:block14->stage2"],
+    "l2t_ww": [f"tin:{s}->stage{t}" for s in STAGE_ENDS for t in range(5)],          # all-to-all: 15
+}
+
+
+@pytest.mark.parametrize("method", sorted(PAPER_PAIRS))
+def test_each_method_gets_the_papers_pairs(method):
+    import torch
+
+    from l2t_dist.models import build_model
+    from l2t_dist.sources.colocated import LoadedSource
+    from l2t_dist.train.build import build_trainee
+
+    tree = {"target": {"arch": "vgg9_bn"}, "method": {"name": method}}
+    sources = []
+    if method != "scratch":
+        tree["sources"] = [dict(SOURCE, num_classes=200)]
+        model = build_model("l2t_resnet32", 200).eval().requires_grad_(False)
+        sources = [LoadedSource("tin", "l2t_resnet32", model, list(STAGE_ENDS))]
+    trainee = build_trainee(parse_job(tree), 10, torch.device("cpu"), sources=sources)
+    assert [p.name for p in trainee.pairs] == PAPER_PAIRS[method]
+    # The source computes exactly the taps the pairs use, and its logits only for LwF.
+    want = {"tin": (tuple(dict.fromkeys(p.source_tap for p in trainee.pairs)), method == "lwf")}
+    assert {n: (r.taps, r.logits) for n, r in trainee.requests.items()} == (want if method != "scratch" else {})
+
+
+def test_explicit_pairs_win_over_the_methods_preset():
+    job = parse_job({"sources": [SOURCE], "method": {"name": "fm", "pairs": [["tin:4", "0"]]}})
+    assert job.method.resolved_pairs() == [["tin:4", "0"]]
+    assert parse_job({"sources": [SOURCE], "method": {"name": "at", "pairs": "all_to_all"}}
+                     ).method.resolved_pairs() == "all_to_all"
 
 
 def test_overrides_parse_yaml_values(tmp_path):
@@ -52,12 +88,22 @@ def test_unknown_arch_lists_allowed():
 def test_unknown_method_lists_allowed():
     with pytest.raises(ConfigError) as err:
         parse_job({"method": {"name": "l2t"}})
-    assert "l2t_ww" in str(err.value)
+    assert "method.name" in str(err.value)
+    assert all(f"'{m}'" in str(err.value) for m in ("scratch", "lwf", "at", "fm", "l2t_w", "l2t_ww"))
 
 
-def test_transfer_method_needs_a_source():
-    with pytest.raises(ConfigError, match="sources"):
-        parse_job({"method": {"name": "fm"}})
+@pytest.mark.parametrize("method", ["lwf", "at", "fm", "l2t_w", "l2t_ww"])
+def test_transfer_method_needs_a_source(method):
+    with pytest.raises(ConfigError, match="needs at least one entry under 'sources'"):
+        parse_job({"method": {"name": method}})
+
+
+def test_scratch_needs_no_source_and_lwf_exactly_one():
+    assert parse_job({"method": {"name": "scratch"}}).sources == []
+    two = [SOURCE, dict(SOURCE, name="c10")]
+    with pytest.raises(ConfigError, match="method 'lwf' takes exactly one source"):
+        parse_job({"sources": two, "method": {"name": "lwf"}})
+    assert len(parse_job({"sources": two, "method": {"name": "l2t_ww"}}).sources) == 2
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from process_group import run_in_own_group
 
 from l2t_dist.cli import main
-from process_group import run_in_own_group
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("ray")

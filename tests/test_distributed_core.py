@@ -1,5 +1,6 @@
-"""The data-parallel pieces without Ray: flat-bucket averaging, sharding, the DataParallelRun
-loop under plain torch.distributed (gloo, 2 processes), resource planning, config, errors."""
+"""The data-parallel pieces without Ray: flat-bucket averaging, sharding, the training loop
+with the DataParallel strategy under plain torch.distributed (gloo, 2 processes), resource
+planning, config, errors."""
 
 import os
 import subprocess
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from l2t_dist.config import ClusterConfig, parse_job
-from l2t_dist.distributed.dataparallel import shard_bounds
 from l2t_dist.distributed.resources import check_placement, plan_resources
 from l2t_dist.errors import ConfigError
+from l2t_dist.train.parallel import shard_bounds
 
 
 def test_shards_are_contiguous_cover_the_batch_and_differ_by_at_most_one():
@@ -40,10 +41,10 @@ def _job_tree(out_dir, ckpt):
 def _worker(rank, world, tmp, ckpt):
     import torch.distributed as dist
 
-    from l2t_dist.distributed.allreduce import GradAverager, broadcast_, flat_all_reduce_, replica_max_diff
-    from l2t_dist.distributed.dataparallel import DataParallelRun, raise_on_all_ranks
-    from l2t_dist.errors import CheckpointError
-    from l2t_dist.train.local import accuracy
+    from l2t_dist.distributed.allreduce import broadcast_, flat_all_reduce_, replica_max_diff
+    from l2t_dist.errors import AgreedFailure, CheckpointError
+    from l2t_dist.train.loop import TrainingLoop, count_correct
+    from l2t_dist.train.parallel import DataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
@@ -53,39 +54,42 @@ def _worker(rank, world, tmp, ckpt):
     flat_all_reduce_(ts, bucket_bytes=24)
     assert torch.equal(ts[0], torch.full((3, 2), 1.5)) and torch.equal(ts[1], torch.arange(5.0) * 1.5)
     assert ts[2].dtype == torch.float64 and torch.equal(ts[2], torch.full((4,), 1.5, dtype=torch.float64))
-    avg = GradAverager()
-    avg.weight = [0.5, 1.5][rank]  # shards of 1 and 3 out of 4 images: weights n_r * world / N
+    par = DataParallel(rank, world)
+    par.weigh([0.25, 0.75][rank])  # shards of 1 and 3 out of 4 images
     g = [torch.full((2,), float(rank + 1))]
-    avg(g)
-    assert torch.allclose(g[0], torch.full((2,), (0.5 * 1 + 1.5 * 2) / 2))
+    par.reduce_grads(g)  # the gradient of the global mean: Σ_r (n_r / N) g_r
+    assert torch.allclose(g[0], torch.full((2,), 0.25 * 1 + 0.75 * 2))
+    assert par.reduce_metrics({"loss": float(rank + 1)}, [0.25, 0.75][rank], torch.device("cpu")) == {"loss": 1.75}
+    assert par.sum_count(rank + 2, torch.device("cpu")) == 5
     x = [torch.full((3,), float(rank))]
     assert replica_max_diff(x) == 1.0
     broadcast_(x, src=0)
     assert replica_max_diff(x) == 0.0 and torch.equal(x[0], torch.zeros(3))
     # an error on one rank only is raised by every rank (nobody is left in a collective)
-    raise_on_all_ranks(None)
+    par.agree(None)
     try:
-        raise_on_all_ranks(CheckpointError("missing on node 1") if rank == 1 else None)
-        raise AssertionError("raise_on_all_ranks did not raise")
-    except CheckpointError as err:
-        assert str(err) == "missing on node 1"
+        par.agree(CheckpointError("missing on node 1") if rank == 1 else None)
+        raise AssertionError("agree did not raise")
+    except AgreedFailure as failure:
+        assert isinstance(failure.error, CheckpointError) and str(failure.error) == "missing on node 1"
     # the loop: batches of 15 (shards 8 and 7), colocated source, checkpoints every iteration;
     # not quiet, with the output in files: rank 0 prints progress lines
     import sys
 
     sys.stdout = sys.stderr = open(f"{tmp}/out{rank}.txt", "w")
     job = parse_job(_job_tree(tmp, ckpt))
-    run = DataParallelRun(job, __import__("pathlib").Path(tmp) / "dp", rank=rank, world=world)
-    summary = run.run()
+    par = DataParallel(rank, world)
+    run = TrainingLoop(job, __import__("pathlib").Path(tmp) / "dp", parallel=par)
+    summary = run.run().to_dict()
     sys.stdout.flush()
     d = run.data  # one process, the whole split: what the sharded evaluation must equal
-    full = {k: accuracy(run.trainee.target, x, y, 7, run.device)
+    full = {k: 100.0 * count_correct(run.trainee.target, x, y, 7, run.device) / len(y)
             for k, x, y in (("val", d.val_x, d.val_y), ("test", d.test_x, d.test_y))}
     torch.save({"theta": {n: p.detach() for n, p in run.trainee.objective.student.named_parameters()},
                 "phi": {n: p.detach() for n, p in run.trainee.objective.meta.named_parameters()},
                 "buffers": {n: b.detach() for n, b in run.trainee.objective.student.named_buffers()},
                 "full": full, "sizes": d.sizes(),
-                "summary": summary, "calls": avg.calls, "reduces": run.averager.calls}, f"{tmp}/rank{rank}.pt")
+                "summary": summary, "reduces": par.reduces}, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -162,12 +166,12 @@ def test_cluster_section_defaults_and_errors():
 
 # ---- processes: imports and the CLI's fast failures ----------------------------------------
 
-from test_imports import BLOCK  # blocks `import ray` / `import mlflow` in a subprocess
+from test_imports import BLOCK  # noqa: E402 - blocks `import ray` / `import mlflow` in a subprocess
 
 
 def test_data_parallel_modules_import_without_ray():
-    mods = ["l2t_dist.distributed", "l2t_dist.distributed.allreduce", "l2t_dist.distributed.dataparallel",
-            "l2t_dist.distributed.resources", "l2t_dist.distributed.reference"]
+    mods = ["l2t_dist.distributed", "l2t_dist.distributed.allreduce", "l2t_dist.train.parallel",
+            "l2t_dist.train.loop", "l2t_dist.distributed.resources", "l2t_dist.distributed.reference"]
     code = BLOCK + "".join(f"import {m}\n" for m in mods)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -39,6 +39,9 @@ def cluster(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     tmp = tmp_path_factory.mktemp("ray")
+    # cluster_utils writes the head's address to <system temp>/ray/ray_current_cluster even with
+    # its own temp_dir, and fails when that folder does not exist yet (a fresh machine)
+    Path(ray._private.utils.get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:  # not 8265: another Ray with a dashboard may run on this machine
         s.bind(("127.0.0.1", 0))
         dashboard_port = s.getsockname()[1]
@@ -92,7 +95,9 @@ def _rows(run_dir):
 
 
 def _trainer_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["trainer"]
+    from l2t_dist.train.state import TrainingState
+
+    return vars(TrainingState.load(path))
 
 
 @pytest.fixture(scope="module")
@@ -166,15 +171,15 @@ def test_two_ray_workers_equal_one_process_simulation(reference, ckpts):
     # evaluation is sharded over the workers; the accuracy is one process's on the whole split
     from l2t_dist.models import build_model
     from l2t_dist.train.data_pipeline import prepare_data
-    from l2t_dist.train.local import accuracy
+    from l2t_dist.train.loop import count_correct
 
     data = prepare_data(job.data)
     model = build_model(job.target.arch, data.num_classes)
-    model.load_state_dict(torch.load(ckpt / "last.pt", map_location="cpu", weights_only=False)["state_dict"])
+    model.load_state_dict(state["target"])
     [epoch1] = [h for h in state["history"] if h["epoch"] == 1]
     assert len(data.val_y) >= 2 and len(data.test_y) >= 2
-    assert epoch1["val_acc"] == accuracy(model, data.val_x, data.val_y, 1000, torch.device("cpu"))
-    assert epoch1["test_acc"] == accuracy(model, data.test_x, data.test_y, 1000, torch.device("cpu"))
+    for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
+        assert epoch1[f"{split}_acc"] == 100.0 * count_correct(model, x, y, 1000, torch.device("cpu")) / len(y)
     # the check has teeth: one rank on the whole batch is a different trajectory
     one = simulate_data_parallel(job, world=1, iterations=3)
     assert max((one["phi"][k] - sim["phi"][k]).abs().max().item() for k in sim["phi"]) > 1e-5
@@ -214,7 +219,7 @@ def test_sigkill_of_a_source_actor_and_a_worker_is_survived_exactly(reference, c
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    s = train_ray(job, quiet=True)
+    s = train_ray(job, quiet=True).to_dict()
     th.join(timeout=5)
     assert "source" in killed and "worker" in killed, killed
     # the worker group was restarted by Ray Train from the epoch-1 checkpoint ...
@@ -330,7 +335,7 @@ def test_nan_loss_is_not_retried_and_reports_like_the_local_backend(cluster, tmp
         done = threading.Event()
         t0 = time.time()
 
-        def watch():  # every Ray Train worker process that runs during the call
+        def watch(done=done, seen=seen, t0=t0):  # every Ray Train worker process that runs during the call
             while not done.is_set():
                 for p in _our_processes("ray::RayTrainWorker"):
                     with contextlib.suppress(psutil.Error):

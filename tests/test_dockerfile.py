@@ -230,3 +230,134 @@ def test_hadolint_is_clean():
     proc = subprocess.run([exe, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---- the documented cluster: every Ray node and client authenticated, no server open to all.
+# tests/test_cluster_auth.py runs the same recipe (without Docker) for real.
+OPEN_HOSTS = ("0.0.0.0", "::", "[::]")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def doc_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """(file:line, tokens) of every command in the shell blocks of a doc file, in order."""
+    from test_docs import SHELL_LANGS, fenced_blocks, logical_lines
+
+    out = []
+    for lang, start, body in fenced_blocks(path):
+        if lang in SHELL_LANGS:
+            for number, text, _ in logical_lines(lang, start, body):
+                try:
+                    tokens = shlex.split(text, comments=True)
+                except ValueError:
+                    continue
+                if tokens:
+                    out.append((f"{path.relative_to(ROOT)}:{number}", tokens))
+    return out
+
+
+def _docs() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def option(tokens: list[str], *names: str) -> list[str]:
+    """Values of `--name=value` and `--name value` (also short `-e value`) in tokens."""
+    out = []
+    for i, t in enumerate(tokens):
+        for name in names:
+            if t == name and i + 1 < len(tokens):
+                out.append(tokens[i + 1])
+            elif t.startswith(name + "="):
+                out.append(t.split("=", 1)[1])
+    return out
+
+
+def program_args(tokens: list[str], program: str) -> list[str] | None:
+    """The arguments given to `program` (ray, mlflow) by a command line, also as a container's
+    entry point (`docker run ... --entrypoint ray IMAGE start ...`); None when it is not run."""
+    if tokens[:2] == ["docker", "run"]:
+        if option(tokens, "--entrypoint") != [program]:
+            return None
+        image = next(i for i, t in enumerate(tokens) if re.fullmatch(r"l2t-dist:[\w.-]+", t))
+        return tokens[image + 1:]
+    return tokens[tokens.index(program) + 1:] if program in tokens else None
+
+
+def _ray_node_or_client(tokens: list[str]) -> bool:
+    args = program_args(tokens, "ray") or []
+    return args[:1] == ["start"] or args[:2] == ["job", "submit"]
+
+
+def test_no_documented_server_listens_on_every_interface_without_auth():
+    for path in _docs():
+        for where, tokens in doc_commands(path):
+            ray = program_args(tokens, "ray") or []
+            if ray[:1] == ["start"]:
+                assert not set(option(ray, "--dashboard-host")) & set(OPEN_HOSTS), \
+                    f"{where}: the dashboard and job API run code for anyone who reaches them; keep them on 127.0.0.1"
+            mlflow = program_args(tokens, "mlflow") or []
+            if mlflow[:1] in (["server"], ["ui"]) and set(option(mlflow, "--host", "-h")) - set(LOOPBACK):
+                assert option(mlflow, "--app-name") == ["basic-auth"], \
+                    f"{where}: an MLflow server that other machines reach needs --app-name basic-auth"
+            if tokens[:2] == ["docker", "run"]:
+                assert "-P" not in tokens and "--publish-all" not in tokens, where
+                for spec in option(tokens, "-p", "--publish"):
+                    assert spec.count(":") >= 2 or spec.startswith("["), \
+                        f"{where}: -p {spec} publishes on every interface of the machine; name a private address"
+
+
+def _auth_env_files(commands) -> dict[str, str]:
+    """Env files that the docs write (`printf ... > FILE`) with RAY_AUTH_MODE=token: FILE -> the
+    RAY_AUTH_TOKEN_PATH they name."""
+    out = {}
+    for _, tokens in commands:
+        if tokens[0] == "printf" and ">" in tokens:
+            text = " ".join(tokens)
+            m = re.search(r"RAY_AUTH_TOKEN_PATH=([^\\\s]+)", text)
+            if "RAY_AUTH_MODE=token" in text and m:
+                out[tokens[tokens.index(">") + 1]] = m.group(1)
+    return out
+
+
+def test_every_documented_ray_node_and_client_has_the_token():
+    """Ray 2.60 refuses a node or client without RAY_AUTH_MODE=token and the cluster's token
+    (InvalidAuthToken) once the head has authentication on: every `ray start`, `ray job submit`
+    and driver container in the docs gets both."""
+    checked = 0
+    for path in _docs():
+        commands = doc_commands(path)
+        env_files = _auth_env_files(commands)
+        exported, authed_containers = False, set()
+        for where, tokens in commands:
+            if tokens[0] == "export" and "RAY_AUTH_MODE=token" in tokens:
+                exported = True
+            ray_cmd = _ray_node_or_client(tokens)
+            driver = tokens[:2] == ["docker", "run"] and "--address" in tokens and "l2t-dist:cpu" in tokens
+            if tokens[:2] == ["docker", "run"] and (ray_cmd or driver):
+                checked += 1
+                files = [f for f in option(tokens, "--env-file") if f in env_files]
+                assert files, f"{where}: the container needs RAY_AUTH_MODE=token and the token (--env-file)"
+                mounts = option(tokens, "-v", "--volume")
+                assert any(m.endswith(f":{env_files[files[0]]}:ro") for m in mounts), \
+                    f"{where}: mount the token read-only at {env_files[files[0]]} (RAY_AUTH_TOKEN_PATH)"
+                authed_containers.update(option(tokens, "--name"))
+            elif tokens[:2] == ["docker", "exec"] and ray_cmd:
+                checked += 1
+                assert tokens[2] in authed_containers, f"{where}: {tokens[2]} was not started with the token"
+            elif ray_cmd:
+                checked += 1
+                assert exported, f"{where}: `export RAY_AUTH_MODE=token` (and the token) must come before this"
+    assert checked >= 7, "the cluster recipes (README Docker section, docs/distributed.md) were not found"
+
+
+def test_the_mlflow_auth_image_pins_mlflow_as_pyproject_does():
+    """The README's MLflow server image adds mlflow[auth] (Flask-WTF) at the project's pin."""
+    pins = [r for r in pyproject()["project"]["dependencies"] if r.lower().startswith("mlflow")]
+    found = [t for _, tokens in doc_commands(ROOT / "README.md") for t in tokens if t.startswith("mlflow[auth]")]
+    assert found, "the README's Docker section no longer builds an MLflow image with basic auth"
+    for t in found:
+        assert t.split("]", 1)[1] == pins[0].split("mlflow", 1)[1], f"{t} differs from pyproject's {pins[0]}"
+
+
+def test_the_image_exposes_no_port():
+    """No EXPOSE: `docker run -P` would then publish Ray's or MLflow's ports on every interface."""
+    assert not [rest for word, rest in instructions() if word == "EXPOSE"]

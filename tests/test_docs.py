@@ -28,8 +28,9 @@ from pathlib import Path
 import pytest
 
 from l2t_dist import __version__, cli
-from l2t_dist.config import ARCH_NAMES, DATA_KINDS, load_job
+from l2t_dist.config import DATA_KINDS, load_job
 from l2t_dist.errors import ConfigError
+from l2t_dist.models.names import check_arch
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -189,7 +190,7 @@ def test_documented_command_parses_and_its_job_validates(command: Command, monke
     if args is None:
         return
     if getattr(args, "arch", None) is not None:
-        assert args.arch in ARCH_NAMES, f"{command}: unknown --arch {args.arch!r}"
+        check_arch(args.arch)  # built-in, tv:NAME or timm:NAME
     if getattr(args, "data", None):
         assert args.data.partition(":")[0] in DATA_KINDS, f"{command}: unknown data kind in --data {args.data!r}"
     if args.command not in ("train", "job", "tune") or getattr(args, "resume", None) \

@@ -9,11 +9,10 @@ against brute-force unrolled differentiation, for T = 1, 2, 3 and both modes.
 
 import pytest
 import torch
+from tiny_setup import PAIRS, SOURCES, TARGET, TinyTapped
 
 from l2t_dist.bilevel import SGDHyper, hypergradient, lookahead_loss, unrolled_hypergradient
 from l2t_dist.method import L2TStep, TransferObjective, TransferStudent, resolve_pairs
-from tiny_setup import PAIRS, SOURCES, TARGET, TinyTapped
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,24 +6,39 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_setup import PAIRS, SOURCES, TARGET, TinyTapped
 from torch import nn
 
 from l2t_dist.bilevel import SGDHyper, hypergradient, lookahead_loss
 from l2t_dist.errors import ConfigError, TrainingError
-from l2t_dist.method import (L2TStep, TapInfo, TransferObjective, TransferStudent, WhatNetwork, WhereNetwork,
-                             at_loss, attention_map, matching_terms, pair_weights, resize_to, resolve_pairs,
-                             weighted_matching_loss)
-from tiny_setup import PAIRS, SOURCES, TARGET, TinyTapped
-
+from l2t_dist.method import (
+    REGISTRY,
+    L2TStep,
+    Method,
+    TapInfo,
+    TransferObjective,
+    TransferStudent,
+    WhatNetwork,
+    WhereNetwork,
+    at_loss,
+    attention_map,
+    get_method,
+    matching_terms,
+    pair_weights,
+    resize_to,
+    resolve_pairs,
+    weighted_matching_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make(method="l2t_ww", seed=0, dtype=torch.float32, where="relu6", beta=0.7, **step_kw):
     torch.manual_seed(seed)
-    pairs = resolve_pairs(PAIRS if method != "lwf" else "single", SOURCES, TARGET)
-    student = TransferStudent(TinyTapped(), method, pairs, source_classes=7 if method == "lwf" else None)
-    obj = TransferObjective(student, beta=beta, where=where, lwf_source="a" if method == "lwf" else None)
+    m = get_method(method)
+    pairs = resolve_pairs(PAIRS if m.uses_pairs else "single", SOURCES, TARGET)
+    student = TransferStudent(TinyTapped(), m, pairs, source_classes=7 if m.extra_head else None)
+    obj = TransferObjective(student, beta=beta, where=where, lwf_source="a" if m.source_logits else None)
     student.to(dtype)
     if obj.meta is not None:
         obj.meta.to(dtype)
@@ -101,7 +116,7 @@ def test_weighted_matching_loss_is_the_paper_formula():
     s = [torch.randn(B, 4, 8, 8), torch.randn(B, 5, 8, 8)]   # second pair: source resized 8 -> 4
     lam = [torch.rand(B), torch.rand(B)]
     w = [torch.softmax(torch.randn(B, 4), 1), torch.softmax(torch.randn(B, 5), 1)]
-    got = weighted_matching_loss(matching_terms(t, s), [pair_weights(l, ww) for l, ww in zip(lam, w)])
+    got = weighted_matching_loss(matching_terms(t, s), [pair_weights(lm, ww) for lm, ww in zip(lam, w)])
     ref = 0.0
     for b in range(B):
         for p in range(2):
@@ -145,20 +160,120 @@ def per_pair_transfer(obj, x, feats, lam_w=None):
     return total
 
 
-@pytest.mark.parametrize("method", ["fm", "l2t_ww"])
-def test_grouped_matching_equals_the_per_pair_formula(method):
-    obj, _ = make(method)
-    with torch.no_grad():  # move φ off its start so that λ and w vary
-        for p in obj.phi_params():
-            p.add_(0.3 * torch.randn_like(p))
-    x, y, feats = batch()
-    assert obj.student.groups == [[0, 3], [1, 2]]
-    lam_w = None
+# ---------------------------------------------------------------- the methods, one class each
+# (needs_sources, single_source, source_logits, extra_head, default_pairs, regressors, meta_networks)
+DECLARATIONS = {
+    "scratch": (False, False, False, False, None, False, ()),
+    "lwf": (True, True, True, True, None, False, ()),
+    "at": (True, False, False, False, "one_to_one", False, ()),
+    "fm": (True, False, False, False, "single", True, ()),
+    "l2t_w": (True, False, False, False, "one_to_one", True, ("what",)),
+    "l2t_ww": (True, False, False, False, "all_to_all", True, ("what", "where")),
+}
+
+
+def lam_w_of(obj, feats):
+    """λ and w per pair straight from the meta-networks (λ = 1 without where-networks)."""
+    out = []
+    for i, p in enumerate(obj.student.pairs):
+        f = feats[p.source][p.source_tap].mean((2, 3))
+        lam = obj.meta.where[i](f) if obj.meta.where is not None else torch.ones(f.shape[0], dtype=f.dtype)
+        out.append((lam, obj.meta.what[i](f)))
+    return out
+
+
+def reference_transfer(method, obj, x, feats):
+    """Each method's L_transfer from the paper's formulas, pair by pair, without the objective."""
+    if method == "scratch":
+        return torch.zeros(())
+    if method == "lwf":
+        _, taps = obj.student.target.forward_taps(x, taps=[], logits=False, embedding=True)
+        teacher = F.softmax(feats["a"]["logits"] / 2, 1)
+        log_student = F.log_softmax(obj.student.head(taps["embedding"]) / 2, 1)
+        return (teacher * (teacher.log() - log_student)).sum(1).mean() * 4
+    if method == "at":
+        _, taps = obj.student.target.forward_taps(x, taps=obj.student.taps, logits=False)
+        total = 0.0
+        for p in obj.student.pairs:
+            t = taps[p.target_tap]
+            s = F.interpolate(feats[p.source][p.source_tap], size=t.shape[-2:], mode="bilinear", align_corners=False)
+            at_t, at_s = (F.normalize(f.pow(2).mean(1).flatten(1), dim=1) for f in (t, s))
+            total = total + (at_s - at_t).pow(2).mean()
+        return total
+    return per_pair_transfer(obj, x, feats, lam_w_of(obj, feats) if obj.meta is not None else None)
+
+
+@pytest.mark.parametrize("method", sorted(DECLARATIONS))
+def test_method_declarations_and_transfer_loss(method):
+    m = get_method(method)
+    assert m.name == method and type(m) is REGISTRY[method] and get_method(m) is m
+    assert (m.needs_sources, m.single_source, m.source_logits, m.extra_head, m.default_pairs, m.regressors,
+            m.meta_networks) == DECLARATIONS[method]
+    obj, _ = make(method, dtype=torch.float64)
+    st = obj.student
+    # θ and φ are what the declarations say: a regressor per pair, LwF's head, what/where nets.
+    assert len(st.regressors) == (len(st.pairs) if m.regressors else 0)
+    assert (st.head is not None) == m.extra_head and (len(st.pairs) > 0) == m.uses_pairs
+    assert (obj.meta is not None) == bool(m.meta_networks)
     if obj.meta is not None:
-        pooled = [feats[p.source][p.source_tap].mean((2, 3)) for p in obj.student.pairs]
-        lam_w = [(obj.meta.where[i](f), obj.meta.what[i](f)) for i, f in enumerate(pooled)]
-    _, parts, _ = obj.real_loss(obj.prepare(x, y, feats))
-    assert torch.allclose(parts["transfer"], per_pair_transfer(obj, x, feats, lam_w), rtol=1e-5)
+        assert len(obj.meta.what) == len(st.pairs) and (obj.meta.where is not None) == ("where" in m.meta_networks)
+        with torch.no_grad():  # move φ off its start so that λ and w vary
+            for p in obj.phi_params():
+                p.add_(0.3 * torch.randn_like(p))
+    if m.uses_pairs and m.regressors:
+        assert st.groups == [[0, 3], [1, 2]]  # pairs sharing a target tap run fused
+    x, y, feats = batch(dtype=torch.float64)
+    loss, parts, logits = obj.real_loss(obj.prepare(x, y, feats))
+    ref = reference_transfer(method, obj, x, feats)
+    assert torch.allclose(parts["transfer"], ref.to(parts["transfer"]), rtol=1e-12, atol=1e-15)
+    assert (parts["transfer"] != 0) == (method != "scratch")
+    assert torch.equal(parts["ce"], F.cross_entropy(logits, y))
+    assert torch.equal(loss, parts["ce"] + 0.7 * parts["transfer"])
+
+
+def test_registry_lists_the_methods_and_rejects_unknown_names():
+    assert list(REGISTRY) == ["scratch", "lwf", "at", "fm", "l2t_w", "l2t_ww"]
+    assert all(issubclass(c, Method) for c in REGISTRY.values())
+    with pytest.raises(ConfigError, match="unknown method 'kd'; allowed: scratch, lwf, at, fm, l2t_w, l2t_ww"):
+        get_method("kd")
+
+
+def test_a_new_method_is_one_class():
+    """The extension contract: declarations plus hooks, nothing else to edit (here Hinton's KD,
+    registered for this test only: the target's own logits mimic the source's softmax)."""
+    from l2t_dist.method.losses import kd_loss
+    from l2t_dist.method.methods import LwF, register
+
+    @register
+    class KD(LwF):
+        name = "kd_test"
+        extra_head = False
+
+        def transfer_loss(self, obj, batch, logits, maps, head):
+            return kd_loss(logits, batch.teacher)
+
+    try:
+        obj, step = make("kd_test")
+        x, y, feats = batch()
+        feats["a"]["logits"] = feats["a"]["logits"][:, :5]  # the target's 5 classes
+        assert obj.student.head is None and obj.meta is None and obj.student.pairs == []
+        _, parts, logits = obj.real_loss(obj.prepare(x, y, feats))
+        assert torch.equal(parts["transfer"], kd_loss(logits, F.softmax(feats["a"]["logits"] / 2, 1)))
+        assert set(step(x, y, feats)) == {"loss", "ce", "transfer", "acc"}
+    finally:
+        REGISTRY.pop("kd_test")
+
+
+def test_the_registry_imports_without_torch():
+    """The job schema reads the declarations; `l2t-dist --help` must not pay for torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom l2t_dist.method.methods import get_method\n"
+            "assert get_method('l2t_ww').meta_networks == ('what', 'where')\n"
+            "assert 'torch' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.parametrize("method", ["scratch", "fm", "at", "lwf"])
@@ -169,8 +284,6 @@ def test_methods_without_meta_params_take_only_the_real_step(method):
     assert set(m) == {"loss", "ce", "transfer", "acc"}
     assert (m["transfer"] == 0) == (method == "scratch")
     assert math.isclose(m["loss"], m["ce"] + 0.7 * m["transfer"], rel_tol=1e-5)
-    if method == "lwf":
-        assert obj.needs_source_logits and obj.student.head is not None
 
 
 def test_needed_taps_and_missing_features():
@@ -209,29 +322,33 @@ def test_rollback_restores_theta_momentum_and_bn_stats_exactly():
     assert any(not torch.equal(a, b) for a, b in zip(obj.phi_params(), ref_obj.phi_params()))
 
 
+def torch_lookahead_meta_loss(obj, bufs, x, y, feats, T):
+    """The meta-loss by the paper's recipe with torch.optim.SGD on a copy of θ: zero (not None)
+    grads so every parameter moves, the matching loss pair by pair from the modules (φ fixed)."""
+    ref = copy.deepcopy(obj)
+    lam_w = [(lam.detach(), w.detach()) for lam, w in lam_w_of(ref, feats)]
+    theta = ref.theta_params()
+    opt = torch.optim.SGD(theta, lr=0.2, momentum=0.9, weight_decay=0.01)
+    for p, buf in zip(theta, bufs):
+        p.grad = torch.zeros_like(p)
+        opt.state[p]["momentum_buffer"] = buf.clone()
+    for k in range(T + 1):
+        opt.zero_grad(set_to_none=False)
+        loss = (ref.beta * per_pair_transfer(ref, x, feats, lam_w) if k < T
+                else F.cross_entropy(ref.student(x, maps=False)[0], y))
+        loss.backward()
+        opt.step()
+    return F.cross_entropy(ref.student(x, maps=False)[0], y).detach()
+
+
 def test_lookahead_matches_torch_sgd_with_zero_grads():
     """Independent check of the look-ahead semantics: torch.optim.SGD with zero (not None) grads."""
     obj, step = make(dtype=torch.float64)
     x, y, feats = batch(dtype=torch.float64)
     step(x, y, feats, meta=False)
     b = obj.prepare(x, y, feats)
-    T, beta = 3, obj.beta
-    got = lookahead_loss([p.detach() for p in step.theta], step.bufs, obj.inner(b), obj.task_loss(b), T, step.hp)
-    ref = copy.deepcopy(obj)
-    theta = ref.theta_params()
-    opt = torch.optim.SGD(theta, lr=0.2, momentum=0.9, weight_decay=0.01)
-    for p, buf in zip(theta, step.bufs):
-        p.grad = torch.zeros_like(p)
-        opt.state[p]["momentum_buffer"] = buf.clone()
-    for k in range(T + 1):
-        opt.zero_grad(set_to_none=False)
-        logits, maps, _ = ref.student(x)
-        loss = (beta * weighted_matching_loss(matching_terms(maps, b.sources), [w.detach() for w in b.weights])
-                if k < T else F.cross_entropy(logits, y))
-        loss.backward()
-        opt.step()
-    meta = F.cross_entropy(ref.student(x, maps=False)[0], y)
-    assert torch.allclose(got, meta.detach(), rtol=1e-12, atol=0)
+    got = lookahead_loss([p.detach() for p in step.theta], step.bufs, obj.inner(b), obj.task_loss(b), 3, step.hp)
+    assert torch.allclose(got, torch_lookahead_meta_loss(obj, step.bufs, x, y, feats, T=3), rtol=1e-12, atol=0)
 
 
 def test_meta_update_is_adam_on_the_hypergradient():
@@ -279,24 +396,52 @@ def test_non_finite_loss_is_a_training_error():
         step(x, y, feats)
 
 
-def test_state_dict_round_trip():
+def test_state_dict_round_trip_resumes_exactly():
+    """Saved after 2 iterations, loaded into a fresh student and step: the next 2 iterations are
+    bit for bit those of the uninterrupted run (θ, φ, momentum, BN stats and Adam's moments)."""
     obj, step = make()
-    step(*batch())
-    obj2, step2 = make()
-    step2.load_state_dict(copy.deepcopy(step.state_dict()))
-    assert step2.iteration == 1 and all(torch.equal(a, b) for a, b in zip(step.bufs, step2.bufs))
-    assert step2.meta_opt.state_dict()["state"].keys() == step.meta_opt.state_dict()["state"].keys()
+    for i in range(2):
+        step(*batch(seed=i))
+    saved = copy.deepcopy({"student": obj.student.state_dict(), "phi": obj.meta.state_dict(),
+                           "step": step.state_dict()})
+
+    def resumed(with_adam=True):
+        o, s = make(seed=5)  # other initial weights: everything must come from the saved state
+        o.student.load_state_dict(saved["student"])
+        o.meta.load_state_dict(saved["phi"])
+        s.load_state_dict(saved["step"] if with_adam else dict(saved["step"], meta_opt=None))
+        return o, s
+
+    obj2, step2 = resumed()
+    assert step2.iteration == 2
+    for i in (2, 3):
+        assert step(*batch(seed=i)) == step2(*batch(seed=i))
+    assert all(torch.equal(a, b) for a, b in zip(state(obj, step), state(obj2, step2)))
+    assert all(torch.equal(a, b) for a, b in zip(obj.phi_params(), obj2.phi_params()))
+    # Adam's moments matter: without them the same iterations give another φ.
+    obj3, step3 = resumed(with_adam=False)
+    for i in (2, 3):
+        step3(*batch(seed=i))
+    assert any(not torch.equal(a, b) for a, b in zip(obj.phi_params(), obj3.phi_params()))
 
 
-@pytest.mark.parametrize("where", ["relu6", "relu", "const"])
-def test_where_types_and_l2t_w_train(where):
-    for method in ("l2t_ww", "l2t_w"):
-        obj, step = make(method, where=where)
-        m = step(*batch())
-        assert math.isfinite(m["meta_loss"])
-        if method == "l2t_w":
-            assert obj.meta.where is None
-            assert all(torch.equal(l, torch.ones(6)) for l in obj.prepare(*batch()).lams)
+@pytest.mark.parametrize("method,where", [("l2t_ww", "relu6"), ("l2t_ww", "relu"), ("l2t_ww", "const"),
+                                          ("l2t_w", "relu6")])
+def test_meta_loss_is_the_lookahead_task_loss(method, where):
+    """The reported meta-loss: L_org after T torch-SGD matching steps and one task step, taken
+    from the state right after the real step, with the λ, w of φ before its update."""
+    obj, step = make(method, dtype=torch.float64, where=where)
+    ref_obj, ref_step = make(method, dtype=torch.float64, where=where)
+    x, y, feats = batch(dtype=torch.float64)
+    got = step(x, y, feats)["meta_loss"]
+    ref_step(x, y, feats, meta=False)
+    want = torch_lookahead_meta_loss(ref_obj, ref_step.bufs, x, y, feats, T=2)
+    assert math.isclose(got, float(want), rel_tol=1e-12)
+    lams = obj.prepare(x, y, feats).lams
+    if method == "l2t_w":  # no where-networks: λ = 1
+        assert obj.meta.where is None and all(torch.equal(lm, torch.ones(6, dtype=torch.float64)) for lm in lams)
+    else:
+        assert len(obj.meta.where) == len(obj.student.pairs) and obj.meta.where[0].kind == where
 
 
 def test_bad_config_is_reported():

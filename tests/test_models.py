@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from tiny_setup import leaf_calls
 
 from l2t_dist.errors import ConfigError
 from l2t_dist.models import ARCH_NAMES, Tap, TappedModel, build_model
@@ -80,18 +81,6 @@ def test_torchvision_taps_at_224(arch):
     assert feats["stem"].shape == (1, 64, 56, 56) and feats["layer4"].shape == (1, 512, 7, 7)
 
 
-def _leaf_calls(m, fn):
-    """Names of the leaf modules that ran during fn(), in order."""
-    called, handles = [], []
-    for name, mod in m.named_modules():
-        if not list(mod.children()):
-            handles.append(mod.register_forward_hook(lambda *_, n=name: called.append(n)))
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return called
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -100,16 +89,16 @@ def test_forward_taps_stops_at_deepest_requested_tap(arch):
     x = torch.randn(2, 3, 32, 32)
     names = m.tap_names()
     mid = names[len(names) // 2]
-    full = _leaf_calls(m, lambda: m(x))
-    upto_first = _leaf_calls(m, lambda: m.forward_taps(x, [names[0]], logits=False))
-    upto_mid = _leaf_calls(m, lambda: m.forward_taps(x, [names[0], mid], logits=False))
-    upto_last = _leaf_calls(m, lambda: m.forward_taps(x, [names[-1]], logits=False))
+    full = leaf_calls(m, lambda: m(x))
+    upto_first = leaf_calls(m, lambda: m.forward_taps(x, [names[0]], logits=False))
+    upto_mid = leaf_calls(m, lambda: m.forward_taps(x, [names[0], mid], logits=False))
+    upto_last = leaf_calls(m, lambda: m.forward_taps(x, [names[-1]], logits=False))
     assert len(upto_first) < len(upto_mid) < len(upto_last) < len(full)
     assert full[:len(upto_mid)] == upto_mid  # a prefix of the full run, nothing more
     classifier = CLASSIFIER[arch]
     assert classifier in full and classifier not in upto_last
     # nothing requested, nothing wanted: nothing runs
-    assert _leaf_calls(m, lambda: m.forward_taps(x, [], logits=False)) == []
+    assert leaf_calls(m, lambda: m.forward_taps(x, [], logits=False)) == []
     assert m.forward_taps(x, [], logits=False) == (None, {})
     m.train()
 
@@ -117,11 +106,11 @@ def test_forward_taps_stops_at_deepest_requested_tap(arch):
 def test_early_stop_named_modules():
     """The concrete statement for the paper's source: asking for block4 never runs stage 2 or 3."""
     m = model("l2t_resnet32").eval()
-    ran = set(_leaf_calls(m, lambda: m.forward_taps(torch.randn(1, 3, 32, 32), ["block4"], logits=False)))
+    ran = set(leaf_calls(m, lambda: m.forward_taps(torch.randn(1, 3, 32, 32), ["block4"], logits=False)))
     assert any(n.startswith("blocks2.3.") for n in ran)
     assert not any(n.split(".")[0] in ("block3", "blocks4", "block5", "blocks6", "fc") for n in ran)
     r20 = model("resnet20").eval()
-    ran = set(_leaf_calls(r20, lambda: r20.forward_taps(torch.randn(1, 3, 32, 32), ["layer2.0"], logits=False)))
+    ran = set(leaf_calls(r20, lambda: r20.forward_taps(torch.randn(1, 3, 32, 32), ["layer2.0"], logits=False)))
     assert "layer2.0.conv2" in ran and not any(n.startswith(("layer2.1", "layer2.2", "layer3", "linear")) for n in ran)
     m.train(), r20.train()
 
@@ -210,7 +199,7 @@ def test_pickle_deepcopy_and_functional_call(arch):
     params = {k: v * 0.5 for k, v in m.named_parameters()}
     scaled = copy.deepcopy(m)
     with torch.no_grad():
-        for k, p in scaled.named_parameters():
+        for _, p in scaled.named_parameters():
             p.mul_(0.5)
     out = torch.func.functional_call(m, params, (x,))
     torch.testing.assert_close(out, scaled(x))

@@ -21,7 +21,6 @@ from l2t_dist.tracking.models_cli import parse_spec
 from l2t_dist.tracking.runs import metric_name
 from l2t_dist.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
-
 # ---- unit tests (no mlflow needed) ---------------------------------------------------------------
 
 def test_resolve_tracking_uri(monkeypatch, tmp_path):
@@ -170,19 +169,19 @@ def test_resume_continues_the_same_mlflow_run(stop, store, uri, mlflow, tmp_path
     `before-logging`: the stop falls between last.pt and MLflow; the resume logs epoch 1 too."""
     from l2t_dist.cli import main
     from l2t_dist.tracking.callback import MlflowCallback
-    from l2t_dist.train.local import LocalRun
+    from l2t_dist.train.loop import TrainingLoop
 
     monkeypatch.chdir(store)  # the embedded default: sqlite:///<cwd>/mlflow.db
     experiment = f"resume-{stop}"
     job = _write_job(tmp_path / "job.yaml", tiny_job(tmp_path / "runs", tracking={"experiment": experiment}))
     if stop == "after-epoch-1":
-        original = LocalRun._train_epoch
+        original = TrainingLoop._train_epoch
 
         def interrupted(self, n):
             if self.epoch == 1:
                 raise KeyboardInterrupt
             return original(self, n)
-        monkeypatch.setattr(LocalRun, "_train_epoch", interrupted)
+        monkeypatch.setattr(TrainingLoop, "_train_epoch", interrupted)
     else:
         def interrupted(self, run, record):
             raise KeyboardInterrupt

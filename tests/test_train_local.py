@@ -9,7 +9,9 @@ import torch
 
 from l2t_dist.config import parse_job
 from l2t_dist.errors import ConfigError, TrainingError
-from l2t_dist.train.local import LocalRun, train_local
+from l2t_dist.train.local import train_local
+from l2t_dist.train.loop import TrainingLoop
+from l2t_dist.train.state import TrainingState
 
 
 def small_job(tmp_path, source_ckpt, **over):
@@ -30,8 +32,8 @@ def small_job(tmp_path, source_ckpt, **over):
 
 
 def _state(run_dir):
-    state = torch.load(run_dir / "last.pt", weights_only=False)["trainer"]
-    return state["student"], state["phi"]
+    state = TrainingState.load(run_dir / "last.pt")
+    return state.student, state.phi
 
 
 def _log(run_dir):
@@ -52,14 +54,14 @@ def test_resume_continues_the_same_trajectory(tmp_path, source_ckpt, monkeypatch
 
     job = small_job(tmp_path / "b", source_ckpt, run__checkpoint_every=1)
     calls = {"n": 0}
-    original_step = LocalRun._train_epoch if stop_at == "epoch" else None
+    original_step = TrainingLoop._train_epoch if stop_at == "epoch" else None
 
     if stop_at == "epoch":
         def interrupted(self, n):
             if self.epoch == 1:
                 raise Stop
             return original_step(self, n)
-        monkeypatch.setattr(LocalRun, "_train_epoch", interrupted)
+        monkeypatch.setattr(TrainingLoop, "_train_epoch", interrupted)
     else:
         from l2t_dist.method import L2TStep
         real_call = L2TStep.step
@@ -82,21 +84,47 @@ def test_resume_continues_the_same_trajectory(tmp_path, source_ckpt, monkeypatch
     for k in ref_phi:
         assert torch.equal(phi[k], ref_phi[k]), k
     assert _log(tmp_path / "b" / "r") == _log(tmp_path / "a" / "r")
-    assert resumed["epochs"] == straight["epochs"] == 2
-    assert resumed["best_val_acc"] == straight["best_val_acc"]
+    assert resumed.epochs == straight.epochs == 2
+    assert resumed.best_val_acc == straight.best_val_acc
+
+
+def _recount(model, x, y):
+    """Accuracy (%) of a model on uint8 images, computed here, apart from the trainer."""
+    from l2t_dist.data import normalize
+
+    with torch.no_grad():
+        return 100.0 * int((model.eval()(normalize(x)).argmax(1) == y).sum()) / len(y)
 
 
 def test_outputs_and_best_checkpoint_serves_as_source(tmp_path, source_ckpt):
     from l2t_dist.sources.zoo import load_source
+    from l2t_dist.train.data_pipeline import prepare_data
 
-    summary = train_local(small_job(tmp_path, source_ckpt, method__name="fm", optim__epochs=1))
+    job = small_job(tmp_path, source_ckpt, method__name="fm", optim__epochs=1)
+    summary = train_local(job)
     run_dir = tmp_path / "r"
     assert (run_dir / "job.yaml").exists() and (run_dir / "best.pt").exists()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1]
-    assert 0.0 <= rows[0]["val_acc"] <= 100.0 and rows[0]["train_loss"] > 0
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["step"] == 3  # 44 images, batches of 16
     model, meta = load_source(str(run_dir / "best.pt"), "resnet20")
-    assert model.num_classes == 4 and summary["best_val_acc"] == rows[0]["val_acc"]
+    # the logged accuracies are those of the saved model on the held-out splits, recounted here
+    d = prepare_data(job.data)
+    assert (len(d.val_y), len(d.test_y)) == (4, 48)
+    assert rows[0]["val_acc"] == _recount(model, d.val_x, d.val_y) == summary.best_val_acc
+    assert rows[0]["test_acc"] == _recount(model, d.test_x, d.test_y) == summary.test_acc_at_best_val
+    assert model.num_classes == 4 and meta["epoch"] == 1
+
+
+def test_a_checkpoint_of_another_state_version_is_refused_clearly(tmp_path, source_ckpt):
+    from l2t_dist.errors import CheckpointError
+
+    train_local(small_job(tmp_path, source_ckpt, method__name="scratch", optim__epochs=1))
+    obj = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert obj["trainer"]["version"] == 2
+    del obj["trainer"]["version"]  # the untyped layout of earlier releases
+    torch.save(obj, tmp_path / "r" / "last.pt")
+    with pytest.raises(CheckpointError, match="version 1.*reads version 2"):
+        train_local(None, resume=str(tmp_path / "r"))
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path, source_ckpt):
@@ -112,7 +140,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, source_c
     job = small_job(tmp_path, source_ckpt, method__name="scratch", optim__epochs=3)
     train_local(job.model_copy(update={"optim": job.optim.model_copy(update={"epochs": 1})}))
     good = (tmp_path / "r" / "last.pt").read_bytes()
-    resumed_job = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    resumed_job = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     resumed_job["trainer"]["job"]["optim"]["epochs"] = 3
     resumed_job["trainer"]["job"]["optim"]["lr"] = 1e12  # diverges at once
     torch.save(resumed_job, tmp_path / "r" / "last.pt")
@@ -169,8 +197,11 @@ def test_every_method_trains_from_a_job(tmp_path, source_ckpt, method, pairs):
     if pairs is not None:
         over["method__pairs"] = pairs
     summary = train_local(small_job(tmp_path, source_ckpt, **over))
-    assert summary["epochs"] == 1 and 0.0 <= summary["best_val_acc"] <= 100.0
-    state = torch.load(tmp_path / "r" / "last.pt", weights_only=False)["trainer"]
-    assert (state["phi"] is not None) == method.startswith("l2t")
+    [row] = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert summary.epochs == 1 and summary.best_val_acc == row["val_acc"] == summary.final_val_acc
+    assert summary.test_acc_at_best_val == row["test_acc"] and summary.best_epoch == 1
+    state = TrainingState.load(tmp_path / "r" / "last.pt")
+    assert (state.phi is not None) == method.startswith("l2t") and state.global_step == 3
+    assert summary.method == method and bool(summary.pairs) == method.startswith("l2t")
     if method == "l2t_ww" and pairs is not None:
-        assert sorted(summary["pairs"]) == ["s:layer1.2->layer2.2", "s:layer3.2->layer3.2"]
+        assert sorted(summary.pairs) == ["s:layer1.2->layer2.2", "s:layer3.2->layer3.2"]

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from process_group import run_in_own_group
 
 from l2t_dist.cli import main
 from l2t_dist.config import parse_job
 from l2t_dist.errors import ConfigError
-from process_group import run_in_own_group
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_TIMEOUT_S = 420
@@ -212,6 +212,58 @@ def test_search_is_optuna_when_importable_else_random(monkeypatch):
 def test_resume_needs_a_sweep_folder(tmp_path, capsys):
     assert main(["tune", "--resume", str(tmp_path)]) == 2
     assert "sweep.json" in capsys.readouterr().err
+
+
+def _state(tmp_path):
+    from l2t_dist.tune.sweep import MlflowIds, SweepState
+
+    base = parse_job(tiny_job(tmp_path)).model_dump(mode="json")
+    return SweepState(name="tiny-s", backend="local", space_path="s.yaml", space=GOOD, base=base, max_t=4,
+                      register="tiny-tune", mlflow=MlflowIds("sqlite:///m.db", "1", "abc"))
+
+
+def test_sweep_state_round_trips(tmp_path):
+    from l2t_dist.tune.sweep import SweepState
+
+    state, path = _state(tmp_path), tmp_path / "sw" / "sweep.json"
+    state.save(path)
+    tree = json.loads(path.read_text())
+    assert tree["version"] == 1 and tree["mlflow"]["parent_run_id"] == "abc"
+    assert "finished" not in tree  # a running sweep's file is as it always was
+    assert SweepState.load(path) == state
+    state.finished, state.mlflow = True, None
+    state.save(path)
+    assert json.loads(path.read_text())["finished"] is True and SweepState.load(path) == state
+    assert [p.name for p in path.parent.iterdir()] == ["sweep.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("not json", "not valid JSON"),
+    ("[1, 2]", "a JSON list"),
+    ('{"params": {}}', "no 'version' key"),
+    ("other version", "of version 2, this l2t-dist reads version 1"),
+    ("missing key", "missing key(s) ['base']"),
+    ("bad mlflow", "'mlflow' must be null"),
+])
+def test_resume_rejects_what_is_not_a_sweep_state_naming_the_file(content, expected, tmp_path, capsys):
+    from l2t_dist.tune.sweep import SweepState
+
+    sweep_dir = tmp_path / "sw"
+    (sweep_dir / "tune").mkdir(parents=True)
+    path = sweep_dir / "sweep.json"
+    _state(tmp_path).save(path)
+    tree = json.loads(path.read_text())
+    edits = {"other version": {"version": 2}, "bad mlflow": {"mlflow": {"uri": "x"}}}
+    if content in edits:
+        content = json.dumps({**tree, **edits[content]})
+    elif content == "missing key":
+        content = json.dumps({k: v for k, v in tree.items() if k != "base"})
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        SweepState.load(path)
+    assert str(path) in str(err.value) and "not a sweep state" in str(err.value) and expected in str(err.value)
+    assert main(["tune", "--resume", str(sweep_dir)]) == 2
+    assert expected in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- slow: real sweeps

@@ -11,8 +11,14 @@ from PIL import Image
 
 from l2t_dist.errors import CheckpointError, ConfigError
 from l2t_dist.models import build_model
-from l2t_dist.sources.zoo import (FORMAT, guess_arch, load_source, load_state_strict, read_checkpoint,
-                                  save_model_checkpoint)
+from l2t_dist.sources.zoo import (
+    FORMAT,
+    guess_arch,
+    load_source,
+    load_state_strict,
+    read_checkpoint,
+    save_model_checkpoint,
+)
 
 L2T = "l2tww_tinyimagenet200_resnet32_model_best.pth.tar"
 AKA20 = "akamaster_cifar10_resnet20-12fca82f.th"
@@ -159,11 +165,16 @@ def test_plain_state_dict_infers_num_classes(tmp_path, prefix):
     torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_pickled_module_is_accepted(tmp_path):
+def test_pickled_module_needs_the_unsafe_opt_in(tmp_path):
+    """A whole pickled model can only be read by full unpickling: refused by default, naming
+    the opt-in; accepted with it."""
     model = build_model("resnet20", 4)
     torch.save(model, tmp_path / "whole.pt")
-    loaded, _ = load_source(tmp_path / "whole.pt", "resnet20")
+    with pytest.raises(CheckpointError, match="CifarResNet.*allow_unsafe_pickle.*--allow-unsafe-pickle"):
+        load_source(tmp_path / "whole.pt", "resnet20")
+    loaded, _ = load_source(tmp_path / "whole.pt", "resnet20", allow_unsafe_pickle=True)
     assert loaded.num_classes == 4
+    torch.testing.assert_close(loaded.linear.weight, model.linear.weight)
 
 
 def test_missing_bn_counters_are_tolerated():
@@ -213,3 +224,29 @@ def test_unknown_arch_is_a_config_error(tmp_path):
     save_model_checkpoint(tmp_path / "a.pt", build_model("resnet20", 3), "resnet20")
     with pytest.raises(ConfigError, match="resnet21"):
         load_source(tmp_path / "a.pt", "resnet21")
+
+
+@pytest.mark.parametrize("builder, arch", [("resnet50", "tv:resnet50"), ("resnext50_32x4d", "tv:resnext50_32x4d"),
+                                           ("wide_resnet50_2", "tv:wide_resnet50_2"), ("resnet34", "resnet34")])
+def test_guess_arch_names_torchvision_resnets(builder, arch):
+    """From the key layout and shapes alone (built on the meta device: no memory, no time)."""
+    import torchvision.models as tvm
+
+    with torch.device("meta"):
+        sd = getattr(tvm, builder)(weights=None).state_dict()
+    assert guess_arch(sd) == arch
+
+
+def test_num_classes_from_library_classifier_names():
+    from l2t_dist.sources.zoo import infer_num_classes
+
+    def sd(*keys):
+        return {k: torch.zeros(5, 8) for k in keys}
+
+    assert infer_num_classes(sd("classifier.0.weight", "classifier.3.weight"), {}) == 5  # the last Linear
+    assert infer_num_classes({"classifier.0.weight": torch.zeros(9, 8), "classifier.6.weight": torch.zeros(3, 9)},
+                             {}) == 3
+    assert infer_num_classes(sd("heads.head.weight"), {}) == 5 and infer_num_classes(sd("head.fc.weight"), {}) == 5
+    odd = {"classif.weight": torch.zeros(4, 2)}  # timm's inception_resnet_v2 names its classifier so
+    assert infer_num_classes(odd, {}) is None and infer_num_classes(odd, {}, "timm:inception_resnet_v2") == 4
+    assert infer_num_classes({"x.weight": torch.zeros(4, 2)}, {"num_classes": 12}) == 12

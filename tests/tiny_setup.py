@@ -39,3 +39,17 @@ class TinyTapped(nn.Module):
 SOURCES = {"a": [TapInfo("a1", 3, (8, 8)), TapInfo("a2", 5, (4, 4))], "b": [TapInfo("b1", 4, (8, 8))]}
 TARGET = [TapInfo("t0", 4, (8, 8)), TapInfo("t1", 6, (4, 4))]
 PAIRS = [["a:a1", "t0"], ["a:a1", "t1"], ["a:a2", "t1"], ["b:b1", "t0"]]
+
+
+def leaf_calls(m, fn):
+    """Names of the leaf modules of m that ran during fn(), in order."""
+    called, handles = [], []
+    for name, mod in m.named_modules():
+        if not list(mod.children()):
+            handles.append(mod.register_forward_hook(lambda *_, n=name: called.append(n)))
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return called

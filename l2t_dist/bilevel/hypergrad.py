@@ -18,12 +18,14 @@ forward+backward:
 - mode "replay": the forward sweep stores only the iterates; each graph is rebuilt in the
   reverse sweep (one more forward+backward per step); memory: one graph at a time.
 - step 1 needs only the mixed product. With a factored objective it is a forward-mode JVP of
-  the terms (about half the cost of a double backward); otherwise a double backward into φ.
+  the terms (about half the cost of a double backward); otherwise, or when an op of the model
+  has no forward-mode formula (a one-line notice says so), a double backward into φ.
 The result equals unrolled differentiation (`unrolled_hypergradient`) in exact arithmetic.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from typing import Callable, Optional, Sequence
@@ -154,19 +156,40 @@ def hypergradient(params0: Sequence[Tensor], bufs0: Sequence[Tensor], meta_param
     # k = 1: only the mixed product.
     adj = _adjoint(a_v, a_theta, hp.lr)
     del a_theta, a_v
-    if factored:
-        primals = tuple(p.detach() for p in params0)
-        _, dterms = torch.func.jvp(lambda *p: tuple(inner.terms(list(p))), primals, tuple(adj))
+    dterms = _terms_jvp(inner, params0, adj) if factored else None
+    if dterms is not None:
         _accumulate(acc, list(dterms))
         clock("reverse1_jvp")
-        grads = _vjp(side, _zeros_for_none(acc, side), meta_params, retain_graph=True)
-    else:
+    else:  # generic objective, or an op without a forward-mode formula: a double backward
         leaf = leaves(params0)
         g = grads_of(inner.loss(leaf), leaf, create_graph=True)
         _accumulate(acc, _vjp(g, adj, side, retain_graph=True))
-        grads = acc
+    grads = _vjp(side, _zeros_for_none(acc, side), meta_params, retain_graph=True) if factored else acc
     clock("reverse1_phi")
     return meta_loss, _zeros_for_none(grads, meta_params)
+
+
+_noticed_no_jvp = False
+
+
+def _terms_jvp(inner: InnerObjective, params0: Sequence[Tensor], adj: Sequence[Tensor]) -> Optional[tuple]:
+    """JVP of the matching terms along ã (forward mode), or None when an op of the model has no
+    forward-mode formula (a custom autograd.Function without jvp, grid_sample, cdist, ...): the
+    caller then takes the mixed product by double backward, which is exact too, only slower."""
+    global _noticed_no_jvp
+    primals = tuple(p.detach() for p in params0)
+    try:
+        return torch.func.jvp(lambda *p: tuple(inner.terms(list(p))), primals, tuple(adj))[1]
+    except (NotImplementedError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, NotImplementedError) and "setup_context" not in text and "forward AD" not in text:
+            raise  # not a missing forward-mode formula
+        if not _noticed_no_jvp:
+            _noticed_no_jvp = True
+            print(f"notice: forward-mode AD is not available for an op of this model ({text.splitlines()[0][:160]}); "
+                  "the hyper-gradient's first mixed product uses double backward instead (exact, slower)",
+                  file=sys.stderr)
+        return None
 
 
 class _Clock:

@@ -42,13 +42,21 @@ def zero_bufs(params: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in params]
 
 
-def _direction_(params: Sequence[Tensor], bufs: Sequence[Tensor],
-                grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> list[Tensor]:
-    """bufs ← μ·bufs + (g + wd·θ), in place (foreach: few kernels); None grads count as zero."""
+def _direction_(params: Sequence[Tensor], bufs: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
+                hp: SGDHyper, overwrite: bool) -> list[Tensor]:
+    """bufs ← μ·bufs + (g + wd·θ), in place (foreach: few kernels); None grads count as zero.
+
+    `overwrite`: compute g + wd·θ into the grads themselves, which saves allocating (and
+    page-faulting) a θ-sized temporary per step; only for grads that carry no graph and that
+    the caller is done with. The arithmetic is the same either way.
+    """
     ps = [p.detach() for p in params]
     gs = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, ps)]
     if hp.weight_decay != 0:
-        gs = torch._foreach_add(gs, ps, alpha=hp.weight_decay)
+        if overwrite:
+            torch._foreach_add_(gs, ps, alpha=hp.weight_decay)
+        else:
+            gs = torch._foreach_add(gs, ps, alpha=hp.weight_decay)
     torch._foreach_mul_(bufs, hp.momentum)
     torch._foreach_add_(bufs, gs)
     return ps
@@ -62,20 +70,25 @@ def _check(params, bufs, grads) -> None:
 @torch.no_grad()
 def sgd_step_(params: Sequence[Tensor], bufs: Sequence[Tensor],
               grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> None:
-    """One SGD step in place on `params` (their `.data`) and `bufs`; None grad = 0."""
+    """One SGD step in place on `params` (their `.data`) and `bufs`; None grad = 0.
+
+    The grads are consumed: they are overwritten with g + wd·θ (the real step has no further
+    use for them, and torch.optim.SGD would allocate that sum anew for every parameter).
+    """
     _check(params, bufs, grads)
     if params:
-        torch._foreach_add_(_direction_(params, bufs, grads, hp), bufs, alpha=-hp.lr)
+        torch._foreach_add_(_direction_(params, bufs, grads, hp, overwrite=True), bufs, alpha=-hp.lr)
 
 
 @torch.no_grad()
 def sgd_update(params: Sequence[Tensor], bufs: Sequence[Tensor],
                grads: Sequence[Optional[Tensor]], hp: SGDHyper) -> list[Tensor]:
-    """Out-of-place step: returns new detached parameters, updates `bufs` in place.
+    """Out-of-place step: returns new detached parameters, updates `bufs` in place; grads are read only.
 
-    The look-ahead uses this form: graphs kept for the reverse sweep hold the old iterate.
+    The look-ahead uses this form: graphs kept for the reverse sweep hold the old iterate
+    (and the grads, which they also hold, stay intact).
     """
     _check(params, bufs, grads)
     if not params:
         return []
-    return list(torch._foreach_add(_direction_(params, bufs, grads, hp), bufs, alpha=-hp.lr))
+    return list(torch._foreach_add(_direction_(params, bufs, grads, hp, overwrite=False), bufs, alpha=-hp.lr))

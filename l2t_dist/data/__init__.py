@@ -4,27 +4,14 @@ Names are resolved on first use, so `import l2t_dist.data` costs almost nothing 
 reader's dependencies load only when that reader is asked for.
 """
 
-from importlib import import_module
+from l2t_dist.lazy import lazy_namespace
 
-_EXPORTS = {
-    "open_dataset": "registry", "DATA_KINDS": "registry", "expected_layout": "registry",
-    "decode_to_tensor": "decode",
-    "class_balanced_split": "splits", "limit_per_class": "splits", "load_l2tww_split": "splits",
-    "RandomCropFlip": "transforms", "normalize": "transforms", "train_224_transform": "transforms",
-    "eval_224_transform": "transforms", "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms",
-    "ImageDataset": "base",
-    "parse_spec": "synthetic",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'l2t_dist.data' has no attribute {name!r}")
-    value = getattr(import_module(f"l2t_dist.data.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_namespace(__name__, {
+    "registry": ("open_dataset", "DATA_KINDS", "expected_layout"),
+    "decode": ("decode_to_tensor",),
+    "splits": ("class_balanced_split", "limit_per_class", "load_l2tww_split"),
+    "transforms": ("RandomCropFlip", "normalize", "model_input", "train_224_transform", "eval_224_transform",
+                   "IMAGENET_MEAN", "IMAGENET_STD"),
+    "base": ("ImageDataset",),
+    "synthetic": ("parse_spec",),
+})

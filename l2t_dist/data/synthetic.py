@@ -194,7 +194,7 @@ def _render(bank, size, prim, cx, cy, scale, phase, amp, colour, bg, tilt) -> to
     for k in range(len(TYPES)):  # each slot computes only its own type's map
         sel = (kind == k).nonzero().squeeze(1)
         if len(sel):
-            c = lambda v: v[sel].view(-1, 1, 1)  # noqa: E731
+            c = lambda v, sel=sel: v[sel].view(-1, 1, 1)
             alpha[sel] = _shape_map(k, X - c(cx), Y - c(cy), c(scale), c(phase[:, 0]), c(phase[:, 1]), 2.0 / size)
     alpha = (alpha * amp.view(-1, 1, 1)).view(n, 2, 1, size, size)
     img = bg[..., None, None] + tilt[:, 0, None, None, None] * X + tilt[:, 1, None, None, None] * Y

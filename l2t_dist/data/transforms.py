@@ -61,6 +61,12 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.to(mean.dtype).div_(255.0) - mean) / std
 
 
+def model_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A uint8 batch as every network sees it (target, colocated or served source): images
+    travel as uint8 (a quarter of the bytes) and are normalised here, and only here."""
+    return normalize(x).to(device)
+
+
 def train_224_transform():
     """PIL -> float tensor for training at 224: RandomResizedCrop, flip, ImageNet normalisation."""
     from torchvision import transforms as T

@@ -2,9 +2,10 @@
 
 Why explicit: DDP's hooks see neither `autograd.grad(..., create_graph=True)` nor functional
 calls, so it cannot synchronise the hyper-gradient of φ. L2TStep instead hands its θ-grads
-(real step) and φ-grads (meta step) to a `reduce_fn`, and `GradAverager` averages them in
-place: tensors are packed into a few flat buffers per (device, dtype), each buffer is
-all-reduced with SUM and divided by the world size. Every rank receives the same bits, so
+(real step) and φ-grads (meta step) to a `reduce_fn`, the DataParallel strategy's
+`reduce_grads` (train/parallel.py), which averages them in place: tensors are packed into a
+few flat buffers per (device, dtype), each buffer is all-reduced with SUM and divided by the
+world size. Every rank receives the same bits, so
 replicas that apply the same update stay identical.
 """
 
@@ -55,24 +56,6 @@ def flat_all_reduce_(tensors: Sequence[Tensor], *, scale: float = 1.0, average: 
                 n = t.numel()
                 t.copy_(flat[offset:offset + n].view_as(t))
                 offset += n
-
-
-class GradAverager:
-    """L2TStep's reduce_fn: average grads over ranks, weighted by shard size.
-
-    Set `weight = n_r · world / N` before each step (n_r images on this rank out of N in the
-    global batch): the result is Σ_r (n_r / N) g_r, the gradient of the global-batch mean
-    loss; with equal shards it is the plain mean of the per-shard gradients.
-    """
-
-    def __init__(self, group: Optional[object] = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-        self.group, self.bucket_bytes = group, bucket_bytes
-        self.weight = 1.0
-        self.calls = 0
-
-    def __call__(self, grads: list[Tensor]) -> None:
-        self.calls += 1
-        flat_all_reduce_(grads, scale=self.weight, group=self.group, bucket_bytes=self.bucket_bytes)
 
 
 def broadcast_(tensors: Sequence[Tensor], src: int = 0, group: Optional[object] = None) -> None:

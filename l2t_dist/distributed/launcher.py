@@ -2,13 +2,16 @@
 
 1. connect: a local Ray (started here with an explicit CPU count), or cluster.address
    (probed first, so an unreachable address fails in seconds, not at a Ray timeout);
-2. plan and check resources (distributed/resources.py): a job that cannot be placed fails
-   before anything starts, naming what it asked for and what the cluster has;
+2. check the job's models and pairs as train builds them (l2t_dist/validate.py, before Ray
+   starts), estimate each worker's and source actor's memory (distributed/memory.py), plan
+   and check CPUs, GPUs and memory (distributed/resources.py): a job that cannot be placed
+   fails before anything starts, naming what it asked for and what the cluster has;
 3. served mode: start the source actors and wait for them to load (bounded wait);
    colocated mode: load the sources once here first, so a bad checkpoint fails at once;
-4. a Ray Train TorchTrainer runs distributed/worker.py on cluster.workers workers, with
-   FailureConfig(max_failures) and checkpoints reported every epoch; crashes are retried,
-   while a user error (a NaN loss) comes back as rank 0's return value and is raised here;
+4. `launch` (shared with Tune trials): a Ray Train TorchTrainer runs distributed/worker.py on
+   cluster.workers workers, with FailureConfig(max_failures) and checkpoints reported every
+   epoch; crashes are retried, while a user error that every rank agreed on (a NaN loss)
+   comes back as rank 0's return value and is raised here;
 5. the run directory ends up as with the local backend (job.yaml, metrics.jsonl, last.pt,
    best.pt); on a multi-node cluster without shared storage the driver copies the latest
    checkpoint back into it.
@@ -22,8 +25,19 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from l2t_dist.config import JobConfig, dump_job, parse_job
-from l2t_dist.errors import CheckpointError, ConfigError, L2TError, TrainingError
+from l2t_dist.config import JobConfig
+from l2t_dist.errors import (
+    AgreedFailure,
+    CheckpointError,
+    ConfigError,
+    L2TError,
+    TrainingError,
+    last_line,
+    unwrap_ray_error,
+)
+from l2t_dist.train.parallel import check_batch_size
+from l2t_dist.train.run_dir import LAST, RunDir
+from l2t_dist.train.state import RunSummary, TrainingState
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -72,38 +86,26 @@ def connect(cluster, quiet: bool = False) -> bool:
         raise
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'!r}: {exc}") from None
+    except ray.exceptions.AuthenticationError as exc:
+        raise ConfigError(f"the Ray cluster at {address or 'a new local instance'!r} refused this client's token "
+                          f"({last_line(exc)}); set RAY_AUTH_MODE=token and give the cluster's token with "
+                          "RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token, or RAY_AUTH_TOKEN): docs/distributed.md, "
+                          "'On a real cluster'") from None
     return True
 
 
 def cluster_snapshot():
-    """(free, total, per-node totals) restricted to schedulable resources."""
+    """(free, total, per-node totals) restricted to schedulable resources, memory included
+    (bytes: the memory check needs it; the object store is not asked for)."""
     import ray
 
     def keep(res: dict) -> dict:
         return {k: float(v) for k, v in res.items()
-                if not k.startswith("node:") and k not in ("memory", "object_store_memory")
+                if not k.startswith("node:") and k != "object_store_memory"
                 and not k.startswith("accelerator_type")}
 
     nodes = [keep(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
     return keep(ray.available_resources()), keep(ray.cluster_resources()), nodes
-
-
-def _prepare_run_dir(job: Optional[JobConfig], resume: Optional[str]) -> tuple[JobConfig, Path, Optional[bytes]]:
-    from l2t_dist.train.checkpoint import load_training_state
-
-    if resume:
-        run_dir = Path(resume).resolve()
-        state = load_training_state(run_dir / "last.pt")
-        job = parse_job(state["trainer"]["job"], where=f"checkpoint {run_dir / 'last.pt'}")
-        return job, run_dir, (run_dir / "last.pt").read_bytes()
-    assert job is not None
-    run_dir = (Path(job.run.out_dir) / job.run.name).resolve()
-    if (run_dir / "last.pt").exists():
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; continue it with "
-                          f"`--resume {run_dir}`, or pick another run.name (run.name=NEW)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.yaml").write_text(dump_job(job))
-    return job, run_dir, None
 
 
 def _nodes_are_here() -> bool:
@@ -128,49 +130,58 @@ def _check_colocated_sources(job: JobConfig, only_present: bool = False) -> None
         load_sources(configs, torch.device("cpu"))
 
 
-def _unwrap_failure(err: BaseException, max_failures: int) -> L2TError:
-    failures = getattr(err, "worker_failures", None) or {}
-    first = failures.get(0, next(iter(failures.values()), None)) if failures else None
-    cause = first
-    while cause is not None and not isinstance(cause, L2TError) and getattr(cause, "cause", None) is not None:
-        cause = cause.cause
-    if isinstance(cause, L2TError):
-        return type(cause)(str(cause))
-    detail = str(first or getattr(err, "controller_failure", None) or err).strip().splitlines()
-    return TrainingError(f"distributed training failed (after up to cluster.max_failures={max_failures} restarts): "
-                         + (detail[-1] if detail else type(err).__name__))
-
-
 def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: bool = False,
-              address: Optional[str] = None, tracking=None) -> dict:
-    """Train on Ray (or resume RUN_DIR); returns the summary of the local backend plus Ray fields.
+              address: Optional[str] = None, tracking=None) -> RunSummary:
+    """Train on Ray (or resume RUN_DIR); returns the summary of the run, with Ray's fields.
     `address` overrides cluster.address (the CLI's --address)."""
-    job, run_dir, resume_bytes = _prepare_run_dir(job, resume)
+    run_dir = RunDir.open(job, resume, absolute=True)  # workers may start in another directory
+    job = run_dir.job
     if address:
         job.cluster.address = address
     cc = job.cluster
-    if job.data.batch_size < 2 * cc.workers:
-        raise ConfigError(f"data.batch_size={job.data.batch_size} is too small for cluster.workers={cc.workers}: "
-                          f"every worker needs a shard of at least 2 images")
+    check_batch_size(job.data.batch_size, cc.workers)
     ray = _import_ray()
+    from l2t_dist.distributed.memory import estimate_memory
     from l2t_dist.distributed.resources import check_placement, plan_resources
 
+    memory = estimate_memory(job)  # builds the job's models without weights: train's errors for taps and pairs
     colocated = cc.sources_mode == "colocated" and bool(job.sources)
     new_local_ray = not (cc.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     if colocated and new_local_ray:  # this machine is the cluster: check before Ray starts
         _check_colocated_sources(job)
     started_ray = connect(cc, quiet=quiet)
-    handles: dict = {}
     try:
         if colocated and not new_local_ray:
             _check_colocated_sources(job, only_present=not _nodes_are_here())
         free, total, nodes = cluster_snapshot()
-        plan = plan_resources(cc, len(job.sources), free)
+        plan = plan_resources(cc, len(job.sources), free, memory)
         check_placement(plan, free, total, nodes)
         if not quiet:
-            print(f"[ray] plan: {plan.describe()}; cluster free: {free}", flush=True)
-        config = {"job": job.model_dump(mode="json"), "run_dir": str(run_dir), "quiet": quiet,
-                  "threads": job.run.threads or plan.worker_threads, "served": plan.actors is not None}
+            from l2t_dist.distributed.resources import _fmt
+
+            print(f"[ray] plan: {plan.describe()}; cluster free: {_fmt(free)}", flush=True)
+            if plan.memory_note:
+                print(f"[ray] {plan.memory_note}", flush=True)
+        storage = Path(cc.storage_path).resolve() if cc.storage_path else None
+        return launch(run_dir, plan, quiet=quiet, tracking=tracking, storage=storage)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def launch(run_dir: RunDir, plan, *, quiet: bool = True, tracking=None, storage: Optional[Path] = None,
+           callbacks: Sequence = ()) -> RunSummary:
+    """Serve the sources (when the plan has actors), fit a TorchTrainer of distributed/worker.py
+    on the run, and collect its outputs into the run directory. Shared by `train --backend ray`
+    and by the Tune trials that start their own trainer (`callbacks`: TuneReportCallback)."""
+    import ray
+
+    job, cc = run_dir.job, run_dir.job.cluster
+    config = {"job": job.model_dump(mode="json"), "run_dir": str(run_dir.path), "quiet": quiet,
+              "threads": job.run.threads or plan.worker_threads, "served": plan.actors is not None}
+    handles: dict = {}
+    source_nodes = None
+    try:
         if plan.actors is not None:
             from l2t_dist.distributed.serving import start_source_actors
 
@@ -183,41 +194,33 @@ def train_ray(job: Optional[JobConfig], resume: Optional[str] = None, quiet: boo
             if not quiet:
                 where = ", ".join(f"{n}@{i['node']}" for n, i in infos.items())
                 print(f"[ray] source actors ready in {time.perf_counter() - t0:.1f}s: {where}", flush=True)
-        if resume_bytes is not None:
-            config["resume_state"] = ray.put(resume_bytes)
+        if run_dir.state is not None:
+            config["resume_state"] = ray.put(run_dir.last.read_bytes())
         if tracking is not None:  # MLflow (l2t_dist/tracking): the driver opens the run, rank 0 writes it
-            config["tracking"] = tracking.for_workers(job, run_dir)
-        storage = Path(cc.storage_path).resolve() if cc.storage_path else run_dir / "ray"
+            config["tracking"] = tracking.for_workers(job, run_dir.path)
+        storage = storage or run_dir.path / "ray"
         ray_name = f"{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = fit_trainer(job, plan, config, run_dir, storage, ray_name)
-        summary = _collect(result, run_dir)
-        summary["ray_storage"] = str(storage / ray_name)
+        summary = _collect(_fit(job, plan, config, storage, ray_name, callbacks), run_dir.path)
+        summary.ray_storage = str(storage / ray_name)
         if handles:
             from l2t_dist.distributed.serving import actor_stats
 
-            summary["source_actors"] = actor_stats(handles)
-            summary["source_nodes"] = source_nodes
+            summary.source_actors = actor_stats(handles)
+            summary.source_nodes = source_nodes
         return summary
     finally:
         if handles:
             from l2t_dist.distributed.serving import stop_source_actors
 
             stop_source_actors(handles)
-        if started_ray:
-            ray.shutdown()
 
 
-def fit_trainer(job: JobConfig, plan, config: dict, run_dir: Path, storage: Path, name: str,
-                callbacks: Sequence = ()):
-    """Build and fit the TorchTrainer of distributed/worker.py; returns Ray's Result.
-
-    Ray's failure types are unwrapped to the user's error, and a deterministic user error that
-    rank 0 returned (a NaN loss) is raised here, with the last good checkpoint left in run_dir.
-    Shared by `train_ray` and by the Tune trials that start their own trainer (`callbacks`)."""
+def _fit(job: JobConfig, plan, config: dict, storage: Path, name: str, callbacks: Sequence = ()):
+    """Build and fit the TorchTrainer; Ray's failure types are unwrapped to the user's error."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from l2t_dist.distributed.worker import FAILED, train_loop_per_worker
+    from l2t_dist.distributed.worker import train_loop_per_worker
 
     cc = job.cluster
     worker_res = dict(plan.workers.resources)
@@ -233,41 +236,40 @@ def fit_trainer(job: JobConfig, plan, config: dict, run_dir: Path, storage: Path
                              # Ray's print patch would log every line of the workers twice
                              worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except L2TError:
         raise
     except Exception as exc:  # noqa: BLE001 - Ray's failure types: unwrap to the user's error
         from ray.train import TrainingFailedError
 
-        if isinstance(exc, TrainingFailedError):
-            raise _unwrap_failure(exc, cc.max_failures) from None
-        raise
-    failed = getattr(result, "return_value", None)
-    if isinstance(failed, dict) and isinstance(failed.get(FAILED), L2TError):
-        _fetch_outputs(result, run_dir)  # the last good checkpoint stays, as with --backend local
-        raise failed[FAILED]
-    return result
+        if not isinstance(exc, TrainingFailedError):
+            raise
+        ours = unwrap_ray_error(exc)
+        if ours is not None:
+            raise ours from None
+        failures = getattr(exc, "worker_failures", None) or {}
+        first = failures.get(0, next(iter(failures.values()), None)) if failures else None
+        raise TrainingError(f"distributed training failed (after up to cluster.max_failures={cc.max_failures} "
+                            f"restarts): {last_line(first or getattr(exc, 'controller_failure', None) or exc)}") \
+            from None
 
 
 def _fetch_outputs(result, run_dir: Path) -> None:
-    if not (run_dir / "last.pt").exists() and result.checkpoint is not None:
+    if not (run_dir / LAST).exists() and result.checkpoint is not None:
         result.checkpoint.to_directory(str(run_dir))  # multi-node without shared storage
 
 
-def _collect(result, run_dir: Path) -> dict:
-    """Make sure the driver's run directory holds the outputs, and return rank 0's summary."""
+def _collect(result, run_dir: Path) -> RunSummary:
+    """Make sure the driver's run directory holds the outputs, and return rank 0's summary; a
+    failure that the workers agreed on (a NaN loss) is raised here, with the last good
+    checkpoint left in run_dir as with --backend local."""
     _fetch_outputs(result, run_dir)
-    if not (run_dir / "last.pt").exists():
+    returned = getattr(result, "return_value", None)
+    if isinstance(returned, AgreedFailure):
+        raise returned.error
+    if not (run_dir / LAST).exists():
         raise CheckpointError(f"the Ray run finished but left no checkpoint in {str(run_dir)!r}")
-    summary = getattr(result, "return_value", None)
-    if not isinstance(summary, dict):
-        import torch
-
-        tr = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["trainer"]
-        last = tr["history"][-1] if tr["history"] else {}
-        summary = {"run_dir": str(run_dir), "method": tr["job"]["method"]["name"], "epochs": tr["epoch"],
-                   "best_val_acc": tr["best"]["val_acc"], "test_acc_at_best_val": tr["best"]["test_acc"],
-                   "best_epoch": tr["best"]["epoch"], "final_val_acc": last.get("val_acc"),
-                   "final_test_acc": last.get("test_acc"), "images_per_s": last.get("images_per_s")}
-    summary["run_dir"] = str(run_dir)
+    summary = returned if isinstance(returned, RunSummary) else RunSummary.from_state(
+        TrainingState.load(run_dir / LAST), run_dir, backend="ray")
+    summary.run_dir = str(run_dir)
     return summary

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from l2t_dist.config import JobConfig
-from l2t_dist.distributed.dataparallel import shard_bounds
+from l2t_dist.train.parallel import shard_bounds
 
 
 def _weighted_sum(acc, grads, w):
@@ -27,18 +27,21 @@ def simulate_data_parallel(job: JobConfig, world: int, iterations: int,
     the CPU) after `iterations` data-parallel iterations of epoch 0 on `world` ranks, and the
     student's floating-point buffers (BN running statistics) averaged over the ranks."""
     from l2t_dist.bilevel import grads_of, hypergradient, sgd_step_
-    from l2t_dist.data import normalize
+    from l2t_dist.data import model_input
     from l2t_dist.method.functional import preserved_buffers
+    from l2t_dist.sources.feeder import ColocatedFeeder
     from l2t_dist.train.build import build_trainee
     from l2t_dist.train.data_pipeline import cosine_lr, epoch_batches, prepare_data
 
     if job.run.threads:
         torch.set_num_threads(job.run.threads)
+    torch.set_default_dtype(getattr(torch, job.run.dtype))
     torch.manual_seed(job.run.seed)
     data = prepare_data(job.data)
     dev = torch.device(device)
     tr = build_trainee(job, data.num_classes, dev)
     obj, step = tr.objective, tr.step
+    feeder = ColocatedFeeder(tr.sources, tr.requests, dev)
     step.set_lr(cosine_lr(job.optim.lr, 0, job.optim.epochs))
     buffers = dict(obj.student.named_buffers())
     per_rank = [{n: b.clone() for n, b in buffers.items()} for _ in range(world)]  # each rank's own BN stats
@@ -50,8 +53,8 @@ def simulate_data_parallel(job: JobConfig, world: int, iterations: int,
         shards = []
         for r in range(world):
             lo, hi = shard_bounds(len(yb), r, world)
-            x = normalize(xb[lo:hi]).to(dev)
-            shards.append((obj.prepare(x, yb[lo:hi].to(dev), tr.bank.features(x)), (hi - lo) / len(yb)))
+            x, feats = model_input(xb[lo:hi], dev), feeder.result(feeder.submit(xb[lo:hi]))
+            shards.append((obj.prepare(x, yb[lo:hi].to(dev), feats), (hi - lo) / len(yb)))
         total = None
         for r, (batch, w) in enumerate(shards):  # every shard's gradient at the same θ
             with torch.no_grad():

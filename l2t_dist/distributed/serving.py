@@ -9,21 +9,21 @@ submits a batch ahead (prefetch), so the actor computes batch b+1 while the work
 
 Actors restart when they die (`max_restarts`), and Ray re-runs their pending requests
 (`max_task_retries`); a request that still gets no answer within `request_timeout_s` fails
-the step with a clear error marked `retryable` (one rank sees it), and Ray Train restarts the
-worker group from the last checkpoint.
+the step with a `RetryableError` (one rank sees it), and Ray Train restarts the worker group
+from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 import numpy as np
 import ray
 import torch
 
-from l2t_dist.errors import CheckpointError, ConfigError, L2TError, TrainingError
+from l2t_dist.errors import CheckpointError, ConfigError, RetryableError, last_line, unwrap_ray_error
+from l2t_dist.sources.feeder import Features, TapRequest
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,12 +57,11 @@ class SourceServer:
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def features(self, x: np.ndarray, taps: list[str], logits: bool, dtype: str = "fp32") -> dict[str, np.ndarray]:
-        """Maps of the requested taps for uint8 images (normalised here) or normalised floats."""
-        from l2t_dist.data import normalize
+        """Maps of the requested taps for a batch of uint8 images."""
+        from l2t_dist.data import model_input
 
         started = time.perf_counter()
-        xt = torch.from_numpy(np.array(x, copy=True))
-        xt = (normalize(xt) if xt.dtype == torch.uint8 else xt).to(self.device)
+        xt = model_input(torch.from_numpy(np.array(x, copy=True)), self.device)
         with torch.inference_mode():
             out, feats = self.src.model.forward_taps(xt, taps, logits=logits)
             if logits:
@@ -83,7 +82,8 @@ def start_source_actors(sources: list[dict], replicas: int, resources: dict[str,
     longer than timeout_s; a source that fails to load (missing checkpoint on its node, bad
     file) raises its own error, and every actor started so far is killed."""
     res = dict(resources)
-    options = {"num_cpus": res.pop("CPU", 0.0), "num_gpus": res.pop("GPU", 0.0), "resources": res or None,
+    options = {"num_cpus": res.pop("CPU", 0.0), "num_gpus": res.pop("GPU", 0.0), "memory": res.pop("memory", None),
+               "resources": res or None,
                "max_restarts": max_restarts, "max_task_retries": max_restarts if max_restarts else 0,
                "max_concurrency": 1}
     device = "cuda" if options["num_gpus"] else "cpu"
@@ -99,8 +99,8 @@ def start_source_actors(sources: list[dict], replicas: int, resources: dict[str,
             raise ConfigError(f"source actors did not start within cluster.start_timeout_s={timeout_s:g}s "
                               f"(requested {replicas} per source, each {resources}); the cluster may lack the "
                               f"resources, or loading is slow: raise the timeout")
-        for name, i, ref in refs:
-            info = _get(ref, f"source {name!r}", timeout_s, on_died=CheckpointError)
+        for name, _, ref in refs:
+            info = _get(ref, f"source {name!r}", timeout_s, failure=CheckpointError)
             infos.setdefault(name, info)
     except BaseException:
         stop_source_actors(handles)
@@ -117,71 +117,55 @@ def stop_source_actors(handles: dict[str, list]) -> None:
                 pass
 
 
-def _cause(err: BaseException) -> str:
-    """The last line of a remote traceback that names our own error, or the error's first line."""
-    text = str(err)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        for cls in ("CheckpointError", "ConfigError", "DataError", "TrainingError"):
-            if line.startswith(f"l2t_dist.errors.{cls}:") or line.startswith(f"{cls}:"):
-                return line.split(":", 1)[1].strip()
-    return lines[-1] if lines else repr(err)
-
-
-def _get(ref, what: str, timeout_s: float, on_died=TrainingError):
+def _get(ref, what: str, timeout_s: float, failure=RetryableError):
+    """ray.get with our errors: the remote side's own error keeps its type and message; a
+    timeout or a dead actor becomes `failure` (retryable while training; a CheckpointError
+    while the actors load, since a source that cannot load will not load on a retry)."""
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     try:
         return ray.get(ref, timeout=timeout_s)
     except GetTimeoutError:
-        raise TrainingError(f"{what} gave no answer within cluster.request_timeout_s={timeout_s:g}s") from None
+        raise failure(f"{what} gave no answer within cluster.request_timeout_s={timeout_s:g}s") from None
     except RayTaskError as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, L2TError):
-            raise type(cause)(f"{what}: {cause}") from None
-        raise on_died(f"{what} failed: {_cause(err)}") from None
+        ours = unwrap_ray_error(err)
+        if ours is not None and failure is not RetryableError:
+            raise type(ours)(f"{what}: {ours}") from None
+        raise failure(f"{what} failed: {ours if ours is not None else last_line(err)}") from None
     except RayActorError as err:
-        raise on_died(f"{what} died and could not be restarted: {_cause(err)}") from None
+        raise failure(f"{what} died and could not be restarted: {last_line(err)}") from None
 
 
 class ServedFeeder:
-    """A worker's view of the served sources: submit(shard) -> refs, collect(refs) -> features."""
+    """A worker's client of the served sources (the feeder protocol of sources/feeder.py):
+    submit(uint8 shard) sends it to the actors at once, result(refs) waits for the maps."""
 
-    def __init__(self, handles: dict[str, list], needed: dict[str, tuple[list[str], bool]], rank: int,
+    def __init__(self, handles: dict[str, list], requests: dict[str, TapRequest], rank: int,
                  dtype: str, device: torch.device, timeout_s: float, prefetch: int = 1):
-        self.actors = {name: hs[rank % len(hs)] for name, hs in handles.items() if name in needed}
-        self.needed, self.dtype, self.device = needed, dtype, device
+        self.actors = {name: hs[rank % len(hs)] for name, hs in handles.items() if name in requests}
+        self.requests, self.dtype, self.device = requests, dtype, device
         self.timeout_s, self.prefetch = timeout_s, prefetch
         self.bytes = {name: 0 for name in self.actors}
         self.images = {name: 0 for name in self.actors}
 
-    def submit(self, x: torch.Tensor) -> dict:
+    def submit(self, x_uint8: torch.Tensor) -> dict:
         if not self.actors:
             return {}
-        arr = ray.put(x.detach().cpu().contiguous().numpy())  # once, shared by every source
-        return {name: actor.features.remote(arr, self.needed[name][0], self.needed[name][1], self.dtype)
+        arr = ray.put(x_uint8.detach().cpu().contiguous().numpy())  # once, shared by every source
+        return {name: actor.features.remote(arr, list(self.requests[name].taps), self.requests[name].logits,
+                                            self.dtype)
                 for name, actor in self.actors.items()}
 
-    def collect(self, refs: dict, x: Optional[torch.Tensor] = None) -> dict[str, dict[str, torch.Tensor]]:
-        out = {}
+    def result(self, refs: dict) -> Features:
+        out: Features = {}
         for name, ref in refs.items():
-            try:
-                maps = _get(ref, f"source actor {name!r}", self.timeout_s)
-            except L2TError as err:
-                # Seen by this rank only (the others wait in a collective): the worker must
-                # raise it, so that Ray Train tears the group down and restarts it.
-                err.retryable = True
-                raise
+            maps = _get(ref, f"source actor {name!r}", self.timeout_s)
             out[name] = {}
             for tap, arr in maps.items():
                 self.bytes[name] += arr.nbytes
                 out[name][tap] = _decode(arr, self.dtype).to(self.device)
             self.images[name] += len(next(iter(maps.values()))) if maps else 0
         return out
-
-    def features(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        """SourceBank's interface (normalised float images), used for the per-pair report."""
-        return self.collect(self.submit(x))
 
     def bytes_per_image(self) -> dict[str, float]:
         """Feature bytes received per image, per source (what crossed the object store)."""

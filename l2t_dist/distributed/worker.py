@@ -1,10 +1,17 @@
-"""The Ray Train worker loop: one DataParallelRun per worker, reporting to Ray Train.
+"""The Ray Train worker: the training loop with a data-parallel strategy, reporting to Ray Train.
 
 Every checkpoint (each epoch, and every run.checkpoint_every iterations) is reported with
 `ray.train.report` by every rank (it is a barrier); rank 0 attaches a checkpoint directory
 with last.pt (the exact-resume state), best.pt, metrics.jsonl and job.yaml. After a failure
 Ray Train restarts the worker group and `ray.train.get_checkpoint()` hands back the latest
 one, from which every rank restores; rank 0 also puts its files back into the run directory.
+
+Failures (l2t_dist/errors.py): Ray 2.60 restarts the worker group on every worker error,
+`cluster.max_failures` times. A user error that every rank raised at the same point (an
+`AgreedFailure`: a non-finite loss, a bad checkpoint in colocated mode) would fail the same
+way again, so it is returned instead, the group finishes together, and the driver raises it.
+Anything else (a `RetryableError` of the source service, a crash, a killed process) is
+raised: Ray Train restarts from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-OUTPUT_FILES = ("last.pt", "best.pt", "metrics.jsonl", "job.yaml")
+from l2t_dist.errors import AgreedFailure
+from l2t_dist.train.run_dir import JOB, LAST, OUTPUT_FILES
+from l2t_dist.train.state import RunSummary, TrainingState
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -29,25 +38,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 class RayReporter:
-    """DataParallelRun's reporter: metrics from every rank, the checkpoint from rank 0."""
+    """A loop callback: after every checkpoint, metrics from every rank, the files from rank 0."""
 
-    def __init__(self, feeder_stats=None):
-        self.feeder_stats = feeder_stats
-
-    def __call__(self, run, epoch_end: bool) -> None:
+    def on_checkpoint(self, loop, epoch_end: bool) -> None:
         import ray.train
 
-        metrics = dict(run.history[-1]) if epoch_end and run.history else {}
-        metrics.update({"epoch": run.epoch, "step": run.global_step, "mid_epoch": not epoch_end,
-                        "replica_max_diff": run.replica_diff, "wait_fraction": run.wait_fraction()})
-        name = f"checkpoint-e{run.epoch:04d}-s{run.global_step:08d}"
-        if not run.writer:
+        metrics = dict(loop.history[-1]) if epoch_end and loop.history else {}
+        metrics.update({"epoch": loop.epoch, "step": loop.global_step, "mid_epoch": not epoch_end,
+                        "replica_max_diff": loop.replica_diff, "wait_fraction": loop.wait_fraction()})
+        name = f"checkpoint-e{loop.epoch:04d}-s{loop.global_step:08d}"
+        if not loop.writer:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         with tempfile.TemporaryDirectory(prefix="l2t-ckpt-") as tmp:
             for f in OUTPUT_FILES:
-                if (run.run_dir / f).exists():
-                    _link_or_copy(run.run_dir / f, Path(tmp) / f)
+                if (loop.run_dir / f).exists():
+                    _link_or_copy(loop.run_dir / f, Path(tmp) / f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
 
@@ -69,37 +75,45 @@ def _skeleton_sources(infos: list[dict]) -> list:
                          dict(i.get("meta") or {})) for i in infos]
 
 
-FAILED = "l2t_error"  # rank 0's return value {FAILED: err}: a deterministic error for the driver to raise
+def train_loop_per_worker(config: dict) -> Union[RunSummary, AgreedFailure, None]:
+    """Entry point of every Ray Train worker: rank 0 returns the run summary, or the failure
+    that every rank agreed on; the other ranks return None."""
+    import ray.train
 
-
-def train_loop_per_worker(config: dict) -> Optional[dict]:
-    """Entry point of every Ray Train worker; returns the run summary on rank 0.
-
-    Ray 2.60 restarts the worker group on every worker error, `cluster.max_failures` times.
-    A user error (a non-finite loss, a bad checkpoint in colocated mode) would fail the same
-    way again, so it is returned instead: DataParallelRun marks the L2TErrors that every
-    rank raises at the same point (`on_all_ranks`), the group then finishes together, and the
-    driver raises rank 0's error. Anything else (a retryable error of the source service, a
-    crash, a killed process) is raised: Ray Train restarts from the latest checkpoint."""
-    from l2t_dist.errors import L2TError
-
+    rank = ray.train.get_context().get_world_rank()
     try:
-        return _train_loop(config)
-    except L2TError as err:
-        if err.retryable or not getattr(err, "on_all_ranks", False):
-            raise
-        import ray.train
-
-        return {FAILED: err} if ray.train.get_context().get_world_rank() == 0 else None
+        summary = _train(config)
+    except AgreedFailure as failure:
+        return failure if rank == 0 else None
+    return summary if rank == 0 else None
 
 
-def _train_loop(config: dict) -> Optional[dict]:
+def _initial_state(config: dict, run_dir: Path, rank: int) -> tuple[Optional[TrainingState], Optional[str]]:
+    """(state to start from, how it came): Ray's latest checkpoint after a restart, else the
+    driver's last.pt for `--resume`, else nothing."""
+    import ray
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restart after a failure: the latest reported checkpoint wins
+        with ckpt.as_directory() as d:
+            state = TrainingState.load(Path(d) / LAST)
+            if rank == 0:
+                _restore_files(Path(d), run_dir)
+        return state, "ray-failover"
+    if config.get("resume_state") is not None:  # `--resume RUN_DIR`: the driver's last.pt
+        obj = torch.load(io.BytesIO(ray.get(config["resume_state"])), map_location="cpu", weights_only=True)
+        return TrainingState.from_checkpoint(obj, f"{run_dir / LAST} (sent by the driver)"), "resume"
+    return None, None
+
+
+def _train(config: dict) -> RunSummary:
     import ray
     import ray.train
 
     from l2t_dist.config import dump_job, parse_job
-    from l2t_dist.distributed.dataparallel import DataParallelRun
-    from l2t_dist.train.checkpoint import load_training_state
+    from l2t_dist.train.loop import TrainingLoop
+    from l2t_dist.train.parallel import DataParallel
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -109,53 +123,42 @@ def _train_loop(config: dict) -> Optional[dict]:
     run_dir = Path(config["run_dir"])
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "job.yaml").exists():
-            (run_dir / "job.yaml").write_text(dump_job(job))
-
-    state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # a restart after a failure: the latest reported checkpoint wins
-        with ckpt.as_directory() as d:
-            state = load_training_state(Path(d) / "last.pt")
-            if rank == 0:
-                _restore_files(Path(d), run_dir)
-    elif config.get("resume_state") is not None:  # `--resume RUN_DIR`: the driver's last.pt
-        state = torch.load(io.BytesIO(ray.get(config["resume_state"])), map_location="cpu", weights_only=False)
+        if not (run_dir / JOB).exists():
+            (run_dir / JOB).write_text(dump_job(job))
+    state, restored_by = _initial_state(config, run_dir, rank)
 
     sources = feeder = None
     if config.get("served"):
         from l2t_dist.distributed.serving import ServedFeeder
 
-        def sources():  # built where LocalRun would load them: the same RNG draws, the same init
+        def sources():  # built where the sources would be loaded: the same RNG draws, the same init
             return _skeleton_sources(config["source_infos"])
 
         cc = job.cluster
 
         def feeder(trainee):
-            needed = {s.name: (list(s.needed), bool(s.want_logits)) for s in trainee.sources
-                      if s.needed or s.want_logits}
             device = next(trainee.target.parameters()).device
-            return ServedFeeder(config["source_handles"], needed, rank, cc.feature_dtype, device,
+            return ServedFeeder(config["source_handles"], trainee.requests, rank, cc.feature_dtype, device,
                                 cc.request_timeout_s, cc.prefetch)
 
-    callbacks = []
-    if rank == 0 and config.get("tracking"):  # MLflow: only rank 0 writes
+    callbacks: list = [RayReporter()]
+    if rank == 0 and config.get("tracking"):  # MLflow: only rank 0 writes the run ...
         from l2t_dist.tracking.callback import MlflowCallback
 
-        callbacks.append(MlflowCallback.from_config(config["tracking"]))
-    run = DataParallelRun(job, run_dir, rank=rank, world=world, quiet=config.get("quiet", False),
-                          callbacks=callbacks, sources=sources, feeder=feeder, reporter=RayReporter())
-    if state is not None:
-        run.restore(state)
-        run.sync_replicas()
-    summary = run.run()
-    summary["backend"] = "ray"
-    # where this worker group started: None for a fresh run, else the step it restored
-    summary["restored_at_step"] = None if state is None else int(state["trainer"]["global_step"])
-    summary["restored_by"] = None if state is None else ("ray-failover" if ckpt is not None else "resume")
-    if hasattr(run.feeder, "bytes_per_image"):
-        summary["feature_bytes_per_image"] = run.feeder.bytes_per_image()
+        callbacks.insert(0, MlflowCallback.from_config(config["tracking"]))
+    elif config.get("tracking"):  # ... the other ranks add their node's system metrics to it
+        from l2t_dist.tracking.sysmetrics import RankSystemMetrics
+
+        callbacks.insert(0, RankSystemMetrics(config["tracking"]["uri"], config["tracking"]["run_id"], rank))
+    loop = TrainingLoop(job, run_dir, parallel=DataParallel(rank, world), sources=sources, feeder=feeder,
+                        callbacks=callbacks, quiet=config.get("quiet", False))
+    summary = loop.run(state)
+    summary.backend = "ray"
+    summary.restored_at_step = None if state is None else state.global_step
+    summary.restored_by = restored_by
+    if hasattr(loop.feeder, "bytes_per_image"):
+        summary.feature_bytes_per_image = loop.feeder.bytes_per_image()
     nodes: list = [None] * world
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    summary["worker_nodes"] = nodes
-    return summary if rank == 0 else None
+    summary.worker_nodes = nodes
+    return summary

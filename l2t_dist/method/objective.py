@@ -1,52 +1,50 @@
-"""The student θ, the meta-networks φ, and the losses of one batch for every method.
+"""The student θ, the meta-networks φ, and the losses of one batch, for any registered method.
 
 `TransferObjective` is what the trainer holds: it builds regressors (θ) and meta-networks
-(φ) for a target model and a pair list, turns a batch plus source features into a `Batch`
-(source maps resized once, λ·w computed once with their graph to φ), and hands out the real
-step's loss and, for the L2T methods, the pieces of the look-ahead (`inner`, `task_loss`).
+(φ) for a target model, a method (`l2t_dist.method.methods`) and a pair list, turns a batch
+plus source features into a `Batch` (source maps resized once, λ·w computed once with their
+graph to φ), and hands out the real step's loss and, for methods with meta-networks, the
+pieces of the look-ahead (`inner`, `task_loss`). What differs between methods is asked of
+the method object; nothing here tests a method's name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from l2t_dist.bilevel import FactoredObjective, InnerObjective
+from l2t_dist.bilevel import InnerObjective
 from l2t_dist.errors import ConfigError, TrainingError
 from l2t_dist.method.functional import FunctionalModule
-from l2t_dist.method.losses import at_loss, fm_weights, kd_loss, teacher_probs
+from l2t_dist.method.methods import Method, get_method
 from l2t_dist.method.pairs import PairSpec
-from l2t_dist.method.transfer import (MatchingRegressor, WhatNetwork, WhereNetwork, matching_terms, pair_weights,
-                                      pool, resize_to, weighted_matching_loss)
-
-METHODS = ("scratch", "lwf", "at", "fm", "l2t_w", "l2t_ww")
-MATCHING = ("fm", "l2t_w", "l2t_ww")   # regressors + (weighted) feature matching
-META = ("l2t_w", "l2t_ww")             # meta-learned weights: the bilevel step runs
+from l2t_dist.method.transfer import MatchingRegressor, WhatNetwork, WhereNetwork, pair_weights
 
 
 class TransferStudent(nn.Module):
     """θ as one module: the target network, one regressor per pair, LwF's extra head."""
 
-    def __init__(self, target: nn.Module, method: str, pairs: Sequence[PairSpec] = (),
+    def __init__(self, target: nn.Module, method: Union[str, Method], pairs: Sequence[PairSpec] = (),
                  source_classes: Optional[int] = None):
         super().__init__()
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-        if method in ("at",) + MATCHING and not pairs:
-            raise ConfigError(f"method {method!r} needs at least one (source tap, target tap) pair")
-        if method == "lwf" and not source_classes:
-            raise ConfigError("method 'lwf' needs the source's number of classes for its extra head")
+        method = get_method(method)
+        if method.uses_pairs and not pairs:
+            raise ConfigError(f"method {method.name!r} needs at least one (source tap, target tap) pair")
+        if method.extra_head and not source_classes:
+            raise ConfigError(f"method {method.name!r} needs the source's number of classes for its extra head")
+        # Registration order is θ's order (and the RNG draws of the initialisation): target,
+        # regressors, head.
         self.target = target
         self.method = method
-        self.pairs = list(pairs) if method in ("at",) + MATCHING else []
+        self.pairs = list(pairs) if method.uses_pairs else []
         self.regressors = nn.ModuleList(
-            MatchingRegressor(p.target_channels, p.source_channels) for p in self.pairs) if method in MATCHING \
+            MatchingRegressor(p.target_channels, p.source_channels) for p in self.pairs) if method.regressors \
             else nn.ModuleList()
-        self.head = nn.Linear(target.embedding_dim, source_classes) if method == "lwf" else None
+        self.head = nn.Linear(target.embedding_dim, source_classes) if method.extra_head else None
         self.taps = list(dict.fromkeys(p.target_tap for p in self.pairs))
         # Pairs that share a target tap form a group: their regressors run as one fused 1x1
         # convolution and their distances as one tensor, 5 kernels where there would be 15.
@@ -54,8 +52,8 @@ class TransferStudent(nn.Module):
 
     def forward(self, x: Tensor, logits: bool = True, maps: bool = True):
         """(logits or None, maps, LwF head output or None). Maps: per group of pairs, the
-        regressed target map (channels of the group's pairs concatenated); for AT, per pair,
-        the raw target map."""
+        regressed target map (channels of the group's pairs concatenated); without
+        regressors (AT), per pair, the raw target map."""
         taps = self.taps if maps else []
         emb = self.head is not None and logits
         out, feats = self.target.forward_taps(x, taps=taps, logits=logits, embedding=emb)
@@ -76,7 +74,7 @@ class TransferStudent(nn.Module):
 
 
 class MetaNetworks(nn.Module):
-    """φ: a what-network per pair and, for L2T-ww, a where-network per pair."""
+    """φ: a what-network per pair and, when `where` names a type (L2T-ww), a where-network per pair."""
 
     def __init__(self, pairs: Sequence[PairSpec], where: Optional[str]):
         super().__init__()
@@ -98,8 +96,9 @@ class MetaNetworks(nn.Module):
 class Batch:
     """One batch, prepared once: everything the real step and the look-ahead share.
 
-    For the matching methods `sources` and `weights` are per group of pairs (see
-    `TransferStudent.groups`), channels concatenated in pair order; for AT, per pair.
+    Fields are filled by the method's `prepare`: for the matching methods `sources` and
+    `weights` are per group of pairs (see `TransferStudent.groups`), channels concatenated
+    in pair order; for AT, `sources` is per pair.
     """
 
     x: Tensor
@@ -122,8 +121,8 @@ class TransferObjective:
         self.method = student.method
         self.beta = float(beta)
         self.lwf_source = lwf_source  # LwF: whose logits to mimic; None = the only source given
-        self.meta = MetaNetworks(student.pairs, where if self.method == "l2t_ww" else None) \
-            if self.method in META else None
+        nets = self.method.meta_networks
+        self.meta = MetaNetworks(student.pairs, where if "where" in nets else None) if nets else None
         self.functional = FunctionalModule(student, [n for n, _ in self._named_theta()])
 
     # ---- parameters and source needs
@@ -138,8 +137,9 @@ class TransferObjective:
         return list(self.meta.parameters()) if self.meta is not None else []
 
     @property
-    def has_meta(self) -> bool:
-        return self.meta is not None
+    def dtype(self) -> torch.dtype:
+        """θ's dtype: source features are cast to it (they may arrive in bf16/fp16 transport)."""
+        return next(self.student.parameters()).dtype
 
     def needed_source_taps(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -149,66 +149,27 @@ class TransferObjective:
                 taps.append(p.source_tap)
         return out
 
-    @property
-    def needs_source_logits(self) -> bool:
-        return self.method == "lwf"
-
     # ---- per batch
     def prepare(self, x: Tensor, y: Tensor, source_feats: Mapping[str, Mapping[str, Tensor]]) -> Batch:
-        """Resize the source maps and run the meta-networks once for this batch (graph to φ kept)."""
-        batch = Batch(x=x, y=y)
-        pairs, groups = self.student.pairs, self.student.groups
-        dtype = next(self.student.parameters()).dtype  # sources may arrive in bf16/fp16 transport
-        pooled: dict[tuple[str, str], Tensor] = {}
-        for p in pairs:
-            s = _lookup(source_feats, p.source, p.source_tap).to(dtype)
-            batch.raw_sources.append(s)
-            if (p.source, p.source_tap) not in pooled:
-                pooled[(p.source, p.source_tap)] = pool(s)
-        if self.method == "at":
-            batch.sources = list(batch.raw_sources)
-        elif self.method in MATCHING:
-            batch.sources = [_cat([resize_to(batch.raw_sources[i], pairs[i].target_size) for i in g]) for g in groups]
-            if self.meta is not None:
-                weights, batch.lams = self.meta([pooled[(p.source, p.source_tap)] for p in pairs])
-            else:
-                weights = [fm_weights(x.shape[0], p.source_channels, x) for p in pairs]
-            batch.weights = [_cat([weights[i] for i in g]) for g in groups]
-        if self.method == "lwf":
-            name = self.lwf_source or (next(iter(source_feats)) if len(source_feats) == 1 else None)
-            if name is None or "logits" not in source_feats.get(name, {}):
-                raise TrainingError(f"method 'lwf' needs the logits of source {name or '(the only one)'} "
-                                    f"(source features {{name: {{'logits': ...}}}}); got sources {list(source_feats)}")
-            batch.teacher = teacher_probs(source_feats[name]["logits"].to(dtype))
+        """Look up the pairs' source maps, then let the method prepare its part (graph to φ kept)."""
+        dtype = self.dtype
+        batch = Batch(x=x, y=y, raw_sources=[_lookup(source_feats, p.source, p.source_tap).to(dtype)
+                                             for p in self.student.pairs])
+        self.method.prepare(self, batch, source_feats)
         return batch
 
     def real_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """L_org + β·L_transfer through the module itself (updates the BN running stats); φ constant."""
-        maps = self.method in ("at",) + MATCHING
-        logits, maps, head = self.student(batch.x, logits=True, maps=maps)
+        logits, maps, head = self.student(batch.x, logits=True, maps=self.method.uses_pairs)
         ce = F.cross_entropy(logits, batch.y)
-        if self.method in MATCHING:
-            transfer = weighted_matching_loss(matching_terms(maps, self._sources_for(batch, maps)),
-                                              [w.detach() for w in batch.weights])
-        elif self.method == "at":
-            transfer = at_loss(maps, batch.sources)
-        elif self.method == "lwf":
-            transfer = kd_loss(head, batch.teacher)
-        else:
-            transfer = ce.new_zeros(())
+        transfer = self.method.transfer_loss(self, batch, logits, maps, head)
         return ce + self.beta * transfer, {"ce": ce, "transfer": transfer}, logits
 
     def inner(self, batch: Batch) -> InnerObjective:
-        """β·L_wfm(θ) for the look-ahead (pure function of θ; the weights carry φ)."""
+        """β·L_transfer(θ) for the look-ahead (pure function of θ; the weights carry φ)."""
         if self.meta is None:
-            raise ConfigError(f"method {self.method!r} has no meta-parameters, so no look-ahead")
-        x = batch.x
-
-        def terms(params):
-            _, maps, _ = self.functional(params, x, logits=False, maps=True)
-            return matching_terms(maps, self._sources_for(batch, maps))
-
-        return FactoredObjective(terms, [self.beta * w for w in batch.weights])
+            raise ConfigError(f"method {self.method.name!r} has no meta-parameters, so no look-ahead")
+        return self.method.inner(self, batch)
 
     def task_loss(self, batch: Batch):
         """L_org(θ) on this batch, as a pure function of θ (the look-ahead's last step and meta-loss)."""
@@ -219,24 +180,6 @@ class TransferObjective:
             return F.cross_entropy(logits, y)
 
         return loss
-
-    def pair_summary(self, batch: Batch) -> dict[str, float]:
-        """Mean λ per pair (the where-network's choice), for tracking."""
-        return {p.name: float(l.detach().mean()) for p, l in zip(self.student.pairs, batch.lams)}
-
-    def _sources_for(self, batch: Batch, maps: Sequence[Tensor]) -> list[Tensor]:
-        # Resized once in prepare(); redo it only if the input size differs from the one the
-        # pairs were built for.
-        out = []
-        for s, m, group in zip(batch.sources, maps, self.student.groups):
-            if s.shape[-2:] != m.shape[-2:]:
-                s = _cat([resize_to(batch.raw_sources[i], m.shape[-2:]) for i in group])
-            out.append(s)
-        return out
-
-
-def _cat(ts: Sequence[Tensor]) -> Tensor:
-    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)
 
 
 def _lookup(source_feats, source: str, tap: str) -> Tensor:

@@ -32,10 +32,10 @@ def _identity(grads: list[Tensor]) -> None:
 
 
 def _norm_sum(grads: list[Tensor], like: Tensor) -> Tensor:
-    """Σ‖g‖ in float64 (foreach: one kernel); finite iff every entry is, barring overflow."""
+    """Σ‖g‖ in float64 (foreach norms, one stack, one sum); finite iff every entry is, barring overflow."""
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=like.device)
-    return torch.stack([n.double() for n in torch._foreach_norm(grads)]).sum()
+    return torch.stack(torch._foreach_norm(grads)).double().sum()
 
 
 def _all_finite(norm_sum: float, grads: list[Tensor]) -> bool:
@@ -97,10 +97,10 @@ class L2TStep:
         # Reduce before checking: in data parallel a rank that raised before the collective
         # would leave the others waiting; a NaN on one rank reaches every rank's grads instead.
         self.reduce_fn(grads)
-        with torch.no_grad():  # one device sync for all metrics and the check
+        with torch.no_grad():  # one device sync for all metrics and the check (stack promotes to float64)
             acc = (logits.argmax(1) == batch.y).double().mean()
-            loss_v, ce, tr, acc, norm = torch.stack([loss.double(), parts["ce"].double(), parts["transfer"].double(),
-                                                     acc, _norm_sum(grads, loss)]).tolist()
+            loss_v, ce, tr, acc, norm = torch.stack([loss, parts["ce"], parts["transfer"], acc,
+                                                     _norm_sum(grads, loss)]).tolist()
         if not (math.isfinite(loss_v) and _all_finite(norm, grads)):
             raise TrainingError(f"non-finite loss or gradient at iteration {self.iteration} (loss {loss_v:.4g}, "
                                 f"ce {ce:.4g}, transfer {tr:.4g}); lower the learning rate or beta")

@@ -49,6 +49,11 @@ def _interp_matrix(n_in: int, n_out: int, dtype, device) -> Tensor:
     return _MATRICES[key]
 
 
+def cat_channels(ts: Sequence[Tensor]) -> Tensor:
+    """One tensor for a group of pairs, channels in pair order (no copy for a group of one)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)
+
+
 def pool(source: Tensor) -> Tensor:
     """Global average pool (B, C, H, W) -> (B, C): the meta-networks' input."""
     return source.mean(dim=(2, 3))

@@ -11,6 +11,7 @@ all see the modules that are registered at call time.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from typing import Iterable, Optional, Sequence, Union
@@ -30,6 +31,18 @@ class Tap:
     name: str
     channels: int
     stride: int
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside, every module's own mode restored on exit (some may have been in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(False)
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class TappedModel(nn.Module):
@@ -96,23 +109,23 @@ class TappedModel(nn.Module):
         if hw not in self._shape_cache:
             ref = next(chain(self.parameters(), self.buffers()))
             x = torch.zeros(1, 3, *hw, device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-            modes = [(m, m.training) for m in self.modules()]
-            shapes = []
-            try:
-                self.train(False)
-                with torch.no_grad():
-                    for path, tap in self._steps:
-                        x = self.get_submodule(path)(x)
-                        if tap is not None:
-                            shapes.append((tap, x.shape[1], x.shape[2], x.shape[3]))
-            except RuntimeError as exc:
-                raise ConfigError(f"image size {hw[0]}x{hw[1]} is too small for {self.arch}: it fails at "
-                                  f"{path!r} ({exc}); use a larger data.image_size") from None
-            finally:
-                for m, mode in modes:
-                    m.training = mode
-            self._shape_cache[hw] = shapes
+            with eval_mode(self), torch.no_grad():
+                maps = self._tap_maps(x)
+            self._shape_cache[hw] = [(name, t.shape[1], t.shape[2], t.shape[3]) for name, t in maps]
         return list(self._shape_cache[hw])
+
+    def _tap_maps(self, x: Tensor) -> list[tuple[str, Tensor]]:
+        """Every tap's map for the probe input `x` (eval mode, no grad), in tap order."""
+        maps, (h, w) = [], x.shape[2:]
+        try:
+            for path, tap in self._steps:
+                x = self.get_submodule(path)(x)
+                if tap is not None:
+                    maps.append((tap, x))
+        except RuntimeError as exc:
+            raise ConfigError(f"image size {h}x{w} is too small for {self.arch}: it fails at "
+                              f"{path!r} ({exc}); use a larger data.image_size") from None
+        return maps
 
     # ----- forward --------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ disk) load strictly.
 
 from __future__ import annotations
 
-
 from l2t_dist.models.taps import TappedModel
 
 

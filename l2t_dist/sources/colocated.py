@@ -1,8 +1,7 @@
-"""Frozen sources run inside the training process (no Ray): the colocated mode.
+"""Frozen sources loaded for a job: each checkpoint once, with the taps it offers.
 
-Each source is loaded once and computes only the taps that the pairs use, once per batch.
-We use `no_grad` rather than `inference_mode`: the features feed the meta-networks, whose
-backward must save them, and inference tensors cannot be saved for backward.
+They run inside the training process (sources/feeder.py's ColocatedFeeder) or inside a Ray
+actor (distributed/serving.py); either way only the taps that the pairs use are computed.
 """
 
 from __future__ import annotations
@@ -21,8 +20,11 @@ class LoadedSource:
     model: torch.nn.Module
     taps: list[str]                      # the taps offered for matching (resolved names)
     meta: dict = field(default_factory=dict)
-    needed: list[str] = field(default_factory=list)  # the taps the chosen pairs actually use
-    want_logits: bool = False            # LwF mimics the source's own outputs
+
+    def __post_init__(self):
+        # A module-path tap (tv:/timm: models) exists once resolved: a served source's skeleton
+        # model in a worker must know the taps that its actor resolved.
+        self.model.resolve_taps(self.taps)
 
 
 def default_taps(model) -> list[str]:
@@ -33,29 +35,19 @@ def default_taps(model) -> list[str]:
     return list(last.values())
 
 
+def offered_taps(model, specs) -> list[str]:
+    """The taps a model offers for matching: `specs` (indices or names) resolved, else the
+    end of each stage. Shared by the loader and by `l2t-dist job`'s checks (l2t_dist/validate.py)."""
+    return model.resolve_taps(specs) if specs else default_taps(model)
+
+
 def load_sources(configs: list[SourceConfig], device: torch.device) -> list[LoadedSource]:
     from l2t_dist.sources.zoo import load_source
 
     out = []
     for cfg in configs:
-        model, meta = load_source(cfg.checkpoint, cfg.arch, num_classes=cfg.num_classes)
-        taps = model.resolve_taps(cfg.taps) if cfg.taps else default_taps(model)
+        model, meta = load_source(cfg.checkpoint, cfg.arch, num_classes=cfg.num_classes,
+                                  allow_unsafe_pickle=cfg.allow_unsafe_pickle)
+        taps = offered_taps(model, cfg.taps)
         out.append(LoadedSource(cfg.name, cfg.arch, model.to(device).eval(), taps, meta))
     return out
-
-
-class SourceBank:
-    """Computes every source's needed taps (and logits for LwF) for a batch of images."""
-
-    def __init__(self, sources: list[LoadedSource]):
-        self.sources = sources
-
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        out = {}
-        for src in self.sources:
-            logits, feats = src.model.forward_taps(x, src.needed, logits=src.want_logits)
-            if src.want_logits:
-                feats["logits"] = logits
-            out[src.name] = feats
-        return out

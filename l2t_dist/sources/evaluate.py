@@ -31,11 +31,11 @@ def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, bat
 
 def evaluate_checkpoint(checkpoint: str, arch: str, kind: str, path: str, split: str, *,
                         image_size: int = 32, batch_size: int = 500, holdout: str = "all",
-                        limit: Optional[int] = None, split_seed: int = 0) -> dict:
+                        limit: Optional[int] = None, split_seed: int = 0, allow_unsafe_pickle: bool = False) -> dict:
     from l2t_dist.data import class_balanced_split, open_dataset
     from l2t_dist.sources.zoo import load_source
 
-    model, _ = load_source(checkpoint, arch)
+    model, _ = load_source(checkpoint, arch, allow_unsafe_pickle=allow_unsafe_pickle)
     ds = open_dataset(kind, path, split)
     indices = list(range(len(ds)))
     if holdout != "all":

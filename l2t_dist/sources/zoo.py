@@ -2,13 +2,19 @@
 
 Recognised: the official L2T-ww `.pth.tar` (`{state_dict, num_classes, epoch, best,
 test_prec}`), akamaster's CIFAR ResNets (`{state_dict, best_prec1}`, keys prefixed `module.`
-by DataParallel), a plain state_dict, and our `l2t-dist/v1` dict (which training checkpoints
-extend with more keys). Loading is always strict: a source that silently half-loads would
-transfer noise, so every mismatch is reported key by key.
+by DataParallel), a plain state_dict (torchvision's ImageNet files, timm's `.bin`), a
+`.safetensors` file (timm, Hugging Face), and our `l2t-dist/v1` dict (which training
+checkpoints extend with more keys). Loading is always strict: a source that silently
+half-loads would transfer noise, so every mismatch is reported key by key.
+
+Reading is safe by default: torch files are read with `weights_only=True` (tensors, plain
+values and numpy data only) and safetensors files by safetensors; a file that needs full
+unpickling, which can run any code, is refused unless the caller opts in for that file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -19,9 +25,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from l2t_dist.errors import CheckpointError, ConfigError
+from l2t_dist.errors import CheckpointError
 
-FORMAT = "l2t-dist/v1"  # same string as l2t_dist.train.checkpoint.FORMAT
+FORMAT = "l2t-dist/v1"  # training checkpoints (train/state.py) carry it too: they load as sources
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 CLASSIFIER_KEYS = ("linear.weight", "fc.weight", "classifier.weight")
 _SHOW = 12  # keys listed per kind of mismatch
@@ -29,23 +35,81 @@ _SHOW = 12  # keys listed per kind of mismatch
 PathLike = Union[str, os.PathLike]
 
 
-def _load(path: PathLike) -> Any:
+UNSAFE_OPT_IN = ("only if you trust the file's origin, set allow_unsafe_pickle: true on that source in the job "
+                 "(sources[].allow_unsafe_pickle), or pass --allow-unsafe-pickle to `l2t-dist sources inspect|eval`; "
+                 "better, re-save it once as a plain state_dict: torch.save(model.state_dict(), path)")
+
+
+def _load(path: PathLike, allow_unsafe_pickle: bool = False) -> Any:
     p = Path(path)
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {str(path)!r} {what}; check the checkpoint path")
+    if _is_safetensors(p):
+        return _load_safetensors(p)
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # holds Python objects beyond tensors and plain values; the user chose this file
+        with _data_globals_allowed():
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # what the weights-only unpickler refused to import
+        if found is None:  # not a refusal: the bytes are no (known) pickle at all
+            tail = str(exc).partition("WeightsUnpickler error:")[2] or str(exc)
+            raise _unreadable(path, next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")) from None
+        if not allow_unsafe_pickle:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds Python objects beyond tensors and plain values "
+                                  f"(it needs {found.group(1)}); unpickling it in full could run any code from the "
+                                  f"file, so it is refused. To load it anyway, {UNSAFE_OPT_IN}") from None
     except Exception as exc:  # noqa: BLE001 - any failure here means "unreadable" to the user
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({exc}); it may be truncated or "
-                              "not a file written by torch.save") from None
-    try:
+        raise _unreadable(path, exc) from None
+    try:  # the caller opted in for this file: full unpickling, which runs whatever code the file holds
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({exc}); it may be truncated or "
-                              "not a file written by torch.save") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: PathLike, exc) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r} cannot be read ({exc}); it may be truncated or not a file "
+                           "written by torch.save or safetensors")
+
+
+def _is_safetensors(p: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    with open(p, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < p.stat().st_size
+
+
+def _load_safetensors(p: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"checkpoint {str(p)!r} is a safetensors file; install the safetensors package "
+                              "to read it (pip install safetensors)") from None
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise _unreadable(p, exc) from None
+
+
+def _data_globals_allowed():
+    """weights_only loading that also accepts numpy scalars and arrays (training scripts often
+    store `best_acc` that way) and argparse.Namespace (their saved `args`): they rebuild data,
+    and call no code."""
+    import argparse
+
+    safe = getattr(torch.serialization, "safe_globals", None)
+    if safe is None:  # torch < 2.5
+        return contextlib.nullcontext()
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:
+        return safe(allowed)
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    allowed += [np.ndarray, np.dtype] + [type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFD"]
+    for fn in (multiarray._reconstruct, multiarray.scalar):
+        allowed += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}")]  # as numpy 1.x pickled them
+    return safe(allowed)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -72,14 +136,17 @@ def _plain(value: Any) -> Any:
     """Scalars worth keeping in meta (0-d tensors become numbers); anything else is dropped."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:  # a numpy scalar
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return _DROP
 
 
-def read_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict without wrapper prefixes, meta) from any recognised checkpoint format."""
-    obj = _load(path)
+def read_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict without wrapper prefixes, meta) from any recognised checkpoint format.
+    `allow_unsafe_pickle`: the caller trusts this file enough to unpickle it in full."""
+    obj = _load(path, allow_unsafe_pickle)
     if isinstance(obj, nn.Module):  # a whole pickled model
         return _strip_prefixes(obj.state_dict()), {}
     if isinstance(obj, Mapping) and "format" in obj:
@@ -115,8 +182,20 @@ def guess_arch(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
     if "features.0.weight" in sd and "classifier.weight" in sd:
         return "vgg9_bn"
     if "layer4.0.conv1.weight" in sd and "fc.weight" in sd:
-        return {2: "resnet18", 6: "resnet34"}.get(count(r"layer3\.(\d+)\."))
+        depth = tuple(count(rf"layer{i}\.(\d+)\.") for i in range(1, 5))
+        if "layer1.0.conv3.weight" not in sd:
+            return {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}.get(depth)
+        conv2 = sd["layer1.0.conv2.weight"]  # (width, width / groups, 3, 3)
+        return TV_BOTTLENECKS.get((depth, conv2.shape[0], conv2.shape[0] // max(1, conv2.shape[1])))
     return None
+
+
+TV_BOTTLENECKS = {  # torchvision's (and timm's) bottleneck ResNets: (blocks per stage, width, groups)
+    ((3, 4, 6, 3), 64, 1): "tv:resnet50", ((3, 4, 23, 3), 64, 1): "tv:resnet101",
+    ((3, 8, 36, 3), 64, 1): "tv:resnet152", ((3, 4, 6, 3), 128, 1): "tv:wide_resnet50_2",
+    ((3, 4, 23, 3), 128, 1): "tv:wide_resnet101_2", ((3, 4, 6, 3), 128, 32): "tv:resnext50_32x4d",
+    ((3, 4, 23, 3), 256, 32): "tv:resnext101_32x8d", ((3, 4, 23, 3), 256, 64): "tv:resnext101_64x4d",
+}
 
 
 def _listing(title: str, items: list[str]) -> str:
@@ -151,30 +230,49 @@ def load_state_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) 
     model.load_state_dict(full, strict=True)
 
 
-def infer_num_classes(sd: Mapping[str, torch.Tensor], meta: Mapping) -> Optional[int]:
+# torchvision/timm classifier layers: fc, classifier[.i] (the highest i), head, heads.head, head.fc
+_HEAD_KEY = re.compile(r"^(fc|classifier|head|heads\.head|head\.fc)(?:\.(\d+))?\.weight$")
+
+
+def infer_num_classes(sd: Mapping[str, torch.Tensor], meta: Mapping, arch: Optional[str] = None) -> Optional[int]:
+    """From the checkpoint's num_classes, else the output width of its classifier layer."""
     if isinstance(meta.get("num_classes"), int):
         return meta["num_classes"]
-    for key in CLASSIFIER_KEYS:
+    for key in CLASSIFIER_KEYS + _timm_classifier_keys(arch):
         if key in sd and sd[key].dim() == 2:
             return int(sd[key].shape[0])
-    return None
+    heads = [(int(m.group(2) or -1), k) for k in sd for m in [_HEAD_KEY.match(k)] if m and sd[k].dim() in (2, 4)]
+    return int(sd[max(heads)[1]].shape[0]) if heads else None
 
 
-def load_source(path: PathLike, arch: str, num_classes: Optional[int] = None) -> tuple[nn.Module, dict]:
-    """A frozen, eval-mode model of `arch` with the checkpoint's weights, and the checkpoint's meta."""
-    from l2t_dist.models import ARCH_NAMES, build_model
+def _timm_classifier_keys(arch: Optional[str]) -> tuple[str, ...]:
+    from l2t_dist.models.names import split_arch
 
-    if arch not in ARCH_NAMES:
-        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_NAMES)}")
-    sd, meta = read_checkpoint(path)
+    prefix, name = split_arch(arch or "")
+    if prefix != "timm":
+        return ()
+    from l2t_dist.models.timm_models import classifier_names
+
+    return tuple(f"{c}.weight" for c in classifier_names(name))
+
+
+def load_source(path: PathLike, arch: str, num_classes: Optional[int] = None,
+                allow_unsafe_pickle: bool = False) -> tuple[nn.Module, dict]:
+    """A frozen, eval-mode model of `arch` with the checkpoint's weights, and the checkpoint's meta.
+    `allow_unsafe_pickle`: unpickle this file in full if it needs it (it can run code)."""
+    from l2t_dist.models import build_model, check_arch
+
+    check_arch(arch)  # a ConfigError naming close matches, before the file is read
+    sd, meta = read_checkpoint(path, allow_unsafe_pickle)
     saved_arch = meta.get("arch") if meta.get("format") == FORMAT else None
     if saved_arch and saved_arch != arch:
         raise CheckpointError(f"checkpoint {str(path)!r} was saved from arch {saved_arch!r} but arch {arch!r} was "
                               f"requested; set the source's arch to {saved_arch!r}")
-    n = num_classes if num_classes is not None else infer_num_classes(sd, meta)
+    n = num_classes if num_classes is not None else infer_num_classes(sd, meta, arch)
     if n is None:
         raise CheckpointError(f"cannot tell the number of classes of {str(path)!r}: it has no num_classes entry "
-                              f"and no {' / '.join(CLASSIFIER_KEYS)} key; pass num_classes explicitly")
+                              f"and no classifier key ({' / '.join(CLASSIFIER_KEYS)}, head.weight, ...); "
+                              "pass num_classes explicitly")
     model = build_model(arch, n)
     try:
         load_state_strict(model, sd)

@@ -2,37 +2,47 @@
 
 `start_tracking` is called by the CLI right after the job validates: it decides whether to
 track (tracking.enabled, mlflow importable), resolves the URI and probes it, all before any
-data or model is loaded. It returns an `MlflowCallback`, a LocalRun callback:
+data or model is loaded. It returns an `MlflowCallback`, a training-loop callback:
 
   on_start      create the MLflow run (or reopen the one in RUN_DIR/mlflow_run.json when
                 resuming), log the flattened job as params and job.yaml; check that the
                 registered-model name fits this model's signature (before any training step);
-                after a resume, log the epochs of metrics.jsonl that MLflow has not seen
-  on_epoch_end  per-epoch metrics at step=epoch, the λ heat-map every heatmap_every epochs
-                and the learning curves
-  on_end        best_val_acc and friends, the final heat-map, last.pt, the target model of
-                best.pt (registered under tracking.registered_model with the champion rule)
+                after a resume, log the epochs of metrics.jsonl that MLflow has not seen;
+                start the system-metrics monitor
+  on_epoch_end  hand the epoch to a background sender (tracking/sender.py): metrics at
+                step=epoch, the λ heat-map every heatmap_every epochs and the learning curves
+  on_end        tracking/finish.py `complete`: best_val_acc and friends, the final heat-map,
+                last.pt, the target model of best.pt (registered under
+                tracking.registered_model with the champion rule)
+
+Training never waits for a server that stopped answering (tracking/breaker.py): the sender
+drops what it cannot send (metrics.jsonl has every epoch) and back-fills it when the server
+answers again. If it still does not answer at the end, RUN_DIR/mlflow_pending.json keeps the
+summary and `l2t-dist models sync RUN_DIR` completes the run later (tracking/sync.py).
 
 The session owner (the CLI, or the Ray driver) ends the run with `end(status)`: FINISHED,
 FAILED (a TrainingError, a NaN, a crash) or KILLED (Ctrl-C). With `--backend ray` the driver
 creates the run (`for_workers`) and rank 0 rebuilds the callback from a plain dict.
-The object holds plain data only (no client), so it pickles into a Ray worker.
+The object holds plain data only until on_start (no client, no thread), so it pickles into a
+Ray worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import socket
 import sys
-import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from l2t_dist.errors import ConfigError
+from l2t_dist.errors import ConfigError, L2TError
 from l2t_dist.tracking import runs
-from l2t_dist.tracking.uri import check_tracking_uri, mlflow_available, resolve_tracking_uri
+from l2t_dist.tracking.finish import RunRef
+from l2t_dist.tracking.uri import check_tracking_uri, mlflow_available, resolve_tracking_uri, server_down
 
-HEATMAP_DIR = "lambda_heatmaps"
+DRAIN_S = 60.0  # on_end waits this long at most for the epochs still being sent
 
 
 def start_tracking(job, resume: Optional[str] = None) -> Optional["MlflowCallback"]:
@@ -71,10 +81,11 @@ def _tracking_of_run_dir(run_dir: Path) -> dict:
     with contextlib.suppress(OSError, yaml.YAMLError):
         tree = yaml.safe_load((run_dir / "job.yaml").read_text())
     if not isinstance(tree, dict) and (run_dir / "last.pt").is_file():
-        with contextlib.suppress(Exception):
-            import torch
+        from l2t_dist.errors import CheckpointError
+        from l2t_dist.train.state import TrainingState
 
-            tree = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["trainer"]["job"]
+        with contextlib.suppress(CheckpointError):
+            tree = TrainingState.load(run_dir / "last.pt").job
     section = (tree or {}).get("tracking") if isinstance(tree, dict) else None
     try:
         return TrackingConfig.model_validate(section or {}).model_dump(mode="json")
@@ -82,8 +93,17 @@ def _tracking_of_run_dir(run_dir: Path) -> dict:
         return TrackingConfig().model_dump(mode="json")
 
 
+@dataclass
+class _Live:
+    """What a writing process runs while it trains (never pickled)."""
+
+    breaker: Any
+    sender: Any
+    monitor: Any
+
+
 class MlflowCallback:
-    """A LocalRun callback that writes one MLflow run; see the module docstring."""
+    """A training-loop callback that writes one MLflow run; see the module docstring."""
 
     def __init__(self, uri: str, cfg: dict, run_dir: Path, *, resume: bool = False,
                  run_id: Optional[str] = None, experiment_id: Optional[str] = None):
@@ -92,10 +112,18 @@ class MlflowCallback:
         self._opened = False        # the run is RUNNING in this process (or on the driver)
         self._epochs_here = 0       # epochs trained by this process
         self._warned = False
+        self._live: Optional[_Live] = None
+        self._stamps: dict[int, int] = {}  # epoch -> ms timestamp its metrics were first sent with
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_live": None}
 
     # ---- the run ---------------------------------------------------------------------------------
     def _client(self):
         return runs.client(self.uri)
+
+    def _ref(self) -> RunRef:
+        return RunRef(self.uri, self.run_id, self.experiment_id, self.run_dir, self.cfg)
 
     def ensure_run(self, job) -> str:
         """Create the MLflow run, or reopen the run of mlflow_run.json when resuming."""
@@ -142,13 +170,29 @@ class MlflowCallback:
         return cb
 
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run (FINISHED, FAILED or KILLED); a no-op when it was never started."""
+        """Close the run (FINISHED, FAILED or KILLED); a no-op when it was never started. A run
+        the server missed part of stays for `l2t-dist models sync` (which sets the status)."""
         if not self._opened or not self.run_id:
             return
         self._opened = False
-        self._client().set_terminated(self.run_id, status=status)
+        self._stop_live()
+        if runs.read_pending(self.run_dir) is None:
+            try:
+                c = self._client()
+                with contextlib.suppress(Exception):  # a failed run: the epochs that did not get through
+                    from l2t_dist.tracking.finish import backfill
 
-    # ---- LocalRun callbacks -------------------------------------------------------------------------
+                    backfill(c, self._ref(), self._stamps)
+                c.set_terminated(self.run_id, status=status)
+                return
+            except Exception:
+                if server_down(self.uri) is None:
+                    raise
+        runs.mark_pending(self.run_dir, status=status)
+        print(f"warning: MLflow run {self.run_id} at {self.uri} is incomplete (the server did not answer); once it "
+              f"answers, complete it with `l2t-dist models sync {self.run_dir}`", file=sys.stderr, flush=True)
+
+    # ---- training-loop callbacks -------------------------------------------------------------------------
     def on_start(self, run) -> None:
         if not getattr(run, "writer", True):
             return
@@ -160,89 +204,97 @@ class MlflowCallback:
 
             check_signature(self.uri, name, run.job.data.image_size, run.data.num_classes)
         if self.resume:
-            self._backfill()
+            from l2t_dist.tracking.finish import backfill
 
-    def _backfill(self) -> None:
-        """Epochs in metrics.jsonl that MLflow missed (a stop between checkpoint and logging)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
+            backfill(self._client(), self._ref())  # epochs MLflow missed (a stop between checkpoint and logging)
+        self._start_live()
+
+    def _start_live(self) -> None:
+        from l2t_dist.tracking import sysmetrics
+        from l2t_dist.tracking.breaker import Breaker
+        from l2t_dist.tracking.sender import Sender
+
+        breaker = Breaker(self.uri, on_open=self._outage)
+        sender = Sender(breaker, self._client, self._recover, self._failed)
+        monitor = None
+        try:
+            monitor = sysmetrics.start(self.uri, self.run_id, breaker, resume=self.resume)
+            gpus = monitor.gpus if monitor is not None else None
+            self._client().set_tag(self.run_id, "l2t.system_metrics_node",
+                                   f"{socket.gethostname()} ({gpus or 'no'} GPU{'' if gpus == 1 else 's'})")
+        except Exception as exc:  # noqa: BLE001 - the run goes on without them
+            self._warn(f"MLflow system metrics could not start ({exc}); training goes on")
+        self._live = _Live(breaker, sender, monitor)
+
+    def _stop_live(self) -> None:
+        live, self._live = self._live, None
+        if live is None:
             return
-        c = self._client()
-        seen = runs.logged_steps(c, self.run_id)
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if record.get("epoch") not in seen:
-                    runs.log_metrics(c, self.run_id, runs.epoch_metrics(record), step=record["epoch"])
+        if live.monitor is not None:
+            live.monitor.stop()
+        live.sender.drain(DRAIN_S)
+        live.sender.close(1.0)
 
     def on_epoch_end(self, run, record: dict) -> None:
         if not getattr(run, "writer", True):
             return
         self._epochs_here += 1
-        try:
-            c = self._client()
-            runs.log_metrics(c, self.run_id, runs.epoch_metrics(record), step=record["epoch"])
-            every = int(self.cfg.get("heatmap_every") or 0)
-            if every and record["epoch"] % every == 0:
-                name = f"{HEATMAP_DIR}/lambda_epoch_{record['epoch']:04d}.png"
-                self._figures(c, run, record.get("pairs") or {}, name, f"{run.job.run.name}, epoch {record['epoch']}")
-        except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not kill a long training run
-            self._warn(f"MLflow logging of epoch {record.get('epoch')} failed ({exc}); training goes on")
+        if self._live is None:  # a loop that skipped on_start: nothing to send with
+            return
+        from l2t_dist.tracking.finish import log_epoch
 
-    def _figures(self, c, run, pairs: dict, heatmap_name: str, title: str) -> None:
-        from l2t_dist.tracking.plots import lambda_heatmap, learning_curves
+        ref, record, history = self._ref(), dict(record), list(run.history)
+        stamp = self._stamps[record["epoch"]] = int(time.time() * 1000)
+        self._live.sender.submit(lambda c: log_epoch(c, ref, record, history, stamp), f"epoch {record['epoch']}")
 
-        with tempfile.TemporaryDirectory(prefix="l2t-mlflow-") as tmp:
-            folder, _, filename = heatmap_name.rpartition("/")
-            if pairs and lambda_heatmap(pairs, Path(tmp) / filename, f"{title}: mean λ per pair"):
-                c.log_artifact(self.run_id, str(Path(tmp) / filename), folder or None)
-            if learning_curves(run.history, Path(tmp) / "learning_curves.png", run.job.run.name):
-                c.log_artifact(self.run_id, str(Path(tmp) / "learning_curves.png"))
-
-    def on_end(self, run, summary: dict) -> None:
+    def on_end(self, run, summary) -> None:
         if not getattr(run, "writer", True):
             return
-        c = self._client()
-        final = {k: summary.get(k) for k in ("best_val_acc", "test_acc_at_best_val", "best_epoch")}
-        runs.log_metrics(c, self.run_id, {k: float(v) for k, v in final.items() if v is not None},
-                         step=int(summary.get("epochs") or 0))
-        self._figures(c, run, summary.get("pairs") or {}, "lambda_heatmap.png", f"{run.job.run.name}, final")
-        with tempfile.TemporaryDirectory(prefix="l2t-mlflow-") as tmp:
-            (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-            c.log_artifact(self.run_id, str(Path(tmp) / "summary.json"))
-        if self.cfg.get("log_checkpoint", True) and (self.run_dir / "last.pt").is_file():
-            c.log_artifact(self.run_id, str(self.run_dir / "last.pt"), "checkpoints")
+        from l2t_dist.tracking.finish import complete
+        from l2t_dist.tracking.registry import RegistryError
+
+        live = self._live
+        self._stop_live()  # the last epochs sent, the system metrics' last point logged
         info = {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
-        info.update(self._log_model(c, summary))
-        summary["mlflow"] = info
-
-    def _log_model(self, c, summary: dict) -> dict:
-        """The best-by-val target (best.pt), registered when tracking.registered_model is set."""
-        tags = c.get_run(self.run_id).data.tags
-        if self._epochs_here == 0 and "l2t.model_uri" in tags:  # a resume of a finished, logged run
-            return {"model_uri": tags["l2t.model_uri"], "registered": None}
-        ckpt = self.run_dir / "best.pt"
-        if not ckpt.is_file():
-            ckpt = self.run_dir / "last.pt"
-        name = self.cfg.get("registered_model")
-        if name:
-            from l2t_dist.tracking.registry import register_checkpoint
-
-            val = summary.get("best_val_acc")
-            reg = register_checkpoint(self.run_id, ckpt, name, val_acc=float(val if val is not None else -1.0),
-                                      tracking_uri=self.uri)
-            c.set_tag(self.run_id, "l2t.model_uri", reg["model_uri"])
-            return {"model_uri": reg["model_uri"], "registered": {"name": name, **reg}}
-        from mlflow.exceptions import MlflowException
-
-        from l2t_dist.tracking.registry import RegistryError, log_target_model
-
+        if live is not None and not live.breaker.allows(probe_now=True):
+            return self._defer(summary, info)
         try:
-            logged, _ = log_target_model(self.run_id, ckpt, self.uri)
-        except MlflowException as exc:
-            raise RegistryError(f"logging the model of {str(ckpt)!r} to MLflow failed: {exc.message}") from None
-        c.set_tag(self.run_id, "l2t.model_uri", logged.model_uri)
-        return {"model_uri": logged.model_uri, "registered": None}
+            c = self._client()
+            if live is not None and live.breaker.pop_recovered():
+                self._recover(c)
+            info.update(complete(c, self._ref(), summary, run.history, self._epochs_here, self._stamps))
+        except Exception as exc:
+            if server_down(self.uri) is not None:
+                return self._defer(summary, info)
+            if isinstance(exc, L2TError):
+                raise
+            raise RegistryError(f"MLflow at {self.uri} failed to complete run {self.run_id}: {exc}") from None
+        runs.clear_pending(self.run_dir)
+        summary.mlflow = info
+
+    def _defer(self, summary, info: dict) -> None:
+        """The server does not answer at the end: keep what on_end would log for `models sync`."""
+        runs.mark_pending(self.run_dir, summary=summary.to_dict(), epochs_here=self._epochs_here)
+        summary.mlflow = {**info, "pending": True, "sync": f"l2t-dist models sync {self.run_dir}"}
+
+    # ---- the sender's reports (its own thread) -------------------------------------------------------------
+    def _outage(self, reason: str) -> None:
+        from l2t_dist.tracking.breaker import retry_seconds
+
+        print(f"warning: the MLflow server at {self.uri} does not answer ({reason}); training goes on without it: "
+              f"every epoch stays in {self.run_dir}/metrics.jsonl and is sent when the server answers again "
+              f"(checked every {retry_seconds():.0f} s), or later by `l2t-dist models sync {self.run_dir}`",
+              file=sys.stderr, flush=True)
+
+    def _recover(self, c) -> None:
+        from l2t_dist.tracking.finish import backfill
+
+        sent = backfill(c, self._ref(), self._stamps)
+        print(f"note: the MLflow server at {self.uri} answers again; sent the {sent} epoch(s) it missed",
+              file=sys.stderr, flush=True)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._warn(f"MLflow logging of {what} failed ({exc}); training goes on")
 
     def _warn(self, message: str) -> None:
         if not self._warned:

@@ -1,4 +1,7 @@
-"""`l2t-dist models list|show|load`: thin wrappers over the MLflow model registry.
+"""`l2t-dist models list|show|load|sync`: thin wrappers over the MLflow model registry.
+
+`sync RUN_DIR` completes the MLflow run of a training run whose server stopped answering
+(tracking/sync.py).
 
 `load` uses plain `mlflow.pytorch.load_model("models:/NAME@ALIAS")`, exactly as a user or a
 serving process would, so it proves that a registered model is usable outside l2t-dist.
@@ -17,7 +20,8 @@ from l2t_dist.errors import ConfigError
 
 
 def add_parser(sub) -> None:
-    models = sub.add_parser("models", help="registered models in MLflow: list, show, load (see docs/tracking.md)")
+    models = sub.add_parser("models", help="registered models in MLflow: list, show, load; sync a run "
+                                           "(see docs/tracking.md)")
     msub = models.add_subparsers(dest="action", required=True)
 
     def common(p) -> None:
@@ -36,6 +40,13 @@ def add_parser(sub) -> None:
     load.add_argument("--predict-random", type=_positive, default=2, metavar="N",
                       help="predict on a random batch of N images and print the output shape (default 2)")
     common(load)
+    sync = msub.add_parser("sync", help="send what a run's MLflow server missed (metrics, model, registration, "
+                                        "status) from its run directory")
+    sync.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of an `l2t-dist train` run (OUT_DIR/NAME)")
+    sync.add_argument("--tracking-uri", default=None,
+                      help="the store to send to (default: the one in RUN_DIR/mlflow_run.json)")
+    sync.add_argument("--json", action="store_true", help="print one JSON object")
+    sync.set_defaults(func=run)
 
 
 def _positive(text: str) -> int:
@@ -90,8 +101,12 @@ def list_models(uri: str) -> list[dict]:
 
 
 def show_model(uri: str, name: str) -> dict:
-    from l2t_dist.tracking.registry import (describe_signature, registered_signature, registered_versions,
-                                            version_val_acc)
+    from l2t_dist.tracking.registry import (
+        describe_signature,
+        registered_signature,
+        registered_versions,
+        version_val_acc,
+    )
     from l2t_dist.tracking.runs import client
 
     c = client(uri)
@@ -185,6 +200,12 @@ def load_and_predict(uri: str, spec: str, n: int) -> dict:
 # ---- the command --------------------------------------------------------------------------------
 
 def run(args) -> int:
+    if args.action == "sync":
+        from l2t_dist.tracking.sync import describe, sync_run
+
+        result = sync_run(args.run_dir, args.tracking_uri)
+        print(json.dumps(result, default=str) if args.json else describe(result))
+        return 0
     uri, exists = _store(args.tracking_uri)
     if args.action == "list":
         models = list_models(uri) if exists else []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from l2t_dist.tracking.uri import default_artifact_location
 
 RUN_FILE = "mlflow_run.json"  # in RUN_DIR: the MLflow run that a --resume continues
+PENDING_FILE = "mlflow_pending.json"  # in RUN_DIR while the MLflow run lacks what the server missed
 MAX_PARAM_VALUE = 6000        # MLflow's limit on a param value (MAX_PARAM_VAL_LENGTH)
 MAX_KEY = 250                 # MLflow's limit on a param or metric key
 BATCH = 100                   # params per log_batch call (MLflow's limit)
@@ -24,8 +26,15 @@ METRIC_BATCH = 1000
 
 
 def client(uri: str):
+    """A client of `uri` with bounded HTTP calls; a sqlite store is created or upgraded first,
+    under its file lock (tracking/store.py)."""
     from mlflow.tracking import MlflowClient
 
+    from l2t_dist.tracking.breaker import bound_http_calls
+    from l2t_dist.tracking.store import prepare_store
+
+    bound_http_calls()
+    prepare_store(uri)
     return MlflowClient(tracking_uri=uri)  # the registry follows (or $MLFLOW_REGISTRY_URI)
 
 
@@ -75,7 +84,7 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
 
 
 def epoch_metrics(record: dict) -> dict[str, float]:
-    """One epoch record of LocalRun as flat MLflow metrics (None values skipped)."""
+    """One epoch record of the training loop as flat MLflow metrics (None values skipped)."""
     out = {}
     for key in ("train_loss", "train_acc", "val_acc", "test_acc", "images_per_s", "lr"):
         value = record.get(key)
@@ -88,17 +97,41 @@ def epoch_metrics(record: dict) -> dict[str, float]:
     return out
 
 
-def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int, stamp: Optional[int] = None) -> None:
+    log_steps(c, run_id, {int(step): metrics}, None if stamp is None else {int(step): stamp})
+
+
+def log_steps(c, run_id: str, by_step: dict[int, dict[str, float]], stamps: Optional[dict] = None) -> None:
+    """Metrics of several steps in as few log_batch calls as MLflow allows (a back-fill).
+    `stamps`: the timestamp (ms) of a step, when it was sent before: MLflow drops a metric equal
+    in key, value, step and timestamp, so a timed-out call that reached the server after all
+    leaves no duplicate."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    items = [Metric(k, v if math.isfinite(v) else float("nan"), now, int(step)) for k, v in metrics.items()]
+    now, stamps = int(time.time() * 1000), stamps or {}
+    items = [Metric(k, v if math.isfinite(v) else float("nan"), int(stamps.get(step, now)), int(step))
+             for step, metrics in by_step.items() for k, v in metrics.items()]
     for i in range(0, len(items), METRIC_BATCH):
         c.log_batch(run_id, metrics=items[i:i + METRIC_BATCH])
 
 
 def logged_steps(c, run_id: str, key: str = "train_loss") -> set[int]:
     return {m.step for m in c.get_metric_history(run_id, key)}
+
+
+def epoch_records(run_dir: Path) -> list[dict]:
+    """The epoch records of RUN_DIR/metrics.jsonl (every epoch, whatever reached MLflow)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                out.append(record)
+    return out
 
 
 def read_run_file(run_dir: Path) -> Optional[dict]:
@@ -113,8 +146,30 @@ def read_run_file(run_dir: Path) -> Optional[dict]:
 
 
 def write_run_file(run_dir: Path, data: dict) -> None:
-    path = Path(run_dir) / RUN_FILE
+    _write_json(Path(run_dir) / RUN_FILE, data)
+
+
+def read_pending(run_dir: Path) -> Optional[dict]:
+    """What the MLflow run still lacks ({"summary": ..., "status": ...}), or None when complete."""
+    path = Path(run_dir) / PENDING_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def mark_pending(run_dir: Path, **fields) -> None:
+    """Record (merge) what could not be sent, for the next on_end, a resume or `models sync`."""
+    _write_json(Path(run_dir) / PENDING_FILE, {**(read_pending(run_dir) or {}), **fields})
+
+
+def clear_pending(run_dir: Path) -> None:
+    (Path(run_dir) / PENDING_FILE).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
     tmp.replace(path)

@@ -21,6 +21,7 @@ from l2t_dist.errors import ConfigError
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 PROBE_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 2.0  # the breaker's probe of a server that stopped answering (tracking/breaker.py)
 _FIX = ("correct tracking.uri (or $MLFLOW_TRACKING_URI), or train without tracking with "
         "tracking.enabled=false")
 
@@ -116,6 +117,22 @@ def _probe_http(uri: str, parsed, timeout: float) -> None:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(f"the MLflow tracking server at {uri!r} accepts connections but does not answer "
                           f"HTTP ({reason}); is it an MLflow server? " + _FIX) from None
+
+
+def server_down(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> Optional[str]:
+    """Why a tracking server does not answer (its /health, within `timeout` s), or None when it
+    answers anything at all. Stores without a server (sqlite, files) always answer."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answers (a proxy, a login): the error came from the server, not from its absence
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return str(getattr(reason, "strerror", None) or reason)
+    return None
 
 
 def _check_writable(uri: str, file: Path) -> None:

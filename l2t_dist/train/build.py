@@ -13,18 +13,21 @@ import torch
 
 from l2t_dist.config import JobConfig
 from l2t_dist.errors import ConfigError
-from l2t_dist.sources.colocated import LoadedSource, SourceBank, default_taps, load_sources
+from l2t_dist.sources.colocated import LoadedSource, default_taps, load_sources
+from l2t_dist.sources.feeder import TapRequest
 
 
 @dataclass
 class Trainee:
-    """Everything the loop touches: the student θ, the objective (φ inside) and the stepper."""
+    """Everything the loop touches: the student θ, the objective (φ inside) and the stepper,
+    and what each source must compute per batch (`requests`, by source name; sources that
+    no pair uses are absent)."""
 
     target: torch.nn.Module
     objective: object
     step: object
     sources: list[LoadedSource]
-    bank: SourceBank
+    requests: dict[str, TapRequest]
     pairs: list
 
 
@@ -37,18 +40,19 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_trainee(job: JobConfig, num_classes: int, device: torch.device,
-                  sources: Optional[list[LoadedSource]] = None) -> Trainee:
-    """Build target, pairs, student, objective and step; `sources` may be passed in pre-loaded."""
+                  sources: Optional[list[LoadedSource]] = None, reduce_fn=None) -> Trainee:
+    """Build target, pairs, student, objective and step; `sources` may be passed in pre-loaded.
+    `reduce_fn`: the parallel strategy's gradient reduction (see L2TStep)."""
     from l2t_dist.bilevel import SGDHyper
-    from l2t_dist.method import L2TStep, TransferObjective, TransferStudent, resolve_pairs, tap_infos
+    from l2t_dist.method import L2TStep, TransferObjective, TransferStudent, get_method, resolve_pairs, tap_infos
     from l2t_dist.models import build_model
 
     sources = load_sources(job.sources, device) if sources is None else sources
     target = build_model(job.target.arch, num_classes)
     size = job.data.image_size
-    method = job.method.name
+    method = get_method(job.method.name)
     pairs: list = []
-    if method in ("at", "fm", "l2t_w", "l2t_ww"):
+    if method.uses_pairs:
         target_taps = target.resolve_taps(job.target.taps) if job.target.taps else default_taps(target)
         spec = job.method.resolved_pairs()
         explicit = isinstance(spec, list)
@@ -59,20 +63,18 @@ def build_trainee(job: JobConfig, num_classes: int, device: torch.device,
         if explicit:
             spec = [_resolve_explicit(entry, sources, target) for entry in spec]
         pairs = resolve_pairs(spec, offered, target_infos)
-    source_classes = sources[0].model.num_classes if method == "lwf" else None
+    source_classes = sources[0].model.num_classes if method.extra_head else None
     student = TransferStudent(target, method, pairs, source_classes=source_classes).to(device)
     objective = TransferObjective(student, beta=job.method.beta, where=job.method.where)
     if objective.meta is not None:
         objective.meta.to(device)
     needed = objective.needed_source_taps()
-    for src in sources:
-        src.needed = needed.get(src.name, [])
-        src.want_logits = method == "lwf"
+    requests = {s.name: TapRequest(tuple(needed.get(s.name, ())), method.source_logits) for s in sources
+                if needed.get(s.name) or method.source_logits}
     hp = SGDHyper(lr=job.optim.lr, momentum=job.optim.momentum, weight_decay=job.optim.weight_decay)
     step = L2TStep(objective, hp, T=job.method.T, meta_lr=job.meta.lr, meta_weight_decay=job.meta.weight_decay,
-                   meta_interval=job.method.meta_interval, mode=job.method.hypergrad)
-    used = [s for s in sources if s.needed or s.want_logits]
-    return Trainee(target, objective, step, sources, SourceBank(used), pairs)
+                   meta_interval=job.method.meta_interval, mode=job.method.hypergrad, reduce_fn=reduce_fn)
+    return Trainee(target, objective, step, sources, requests, pairs)
 
 
 def _resolve_explicit(entry, sources: list[LoadedSource], target) -> list[str]:

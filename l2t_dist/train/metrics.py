@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -56,3 +57,31 @@ class Progress:
 
     def images_per_s(self) -> float:
         return self.images / max(1e-9, time.perf_counter() - self.start)
+
+
+class ProgressLines:
+    """For logs rather than terminals (a Ray worker's output is a log): one line every tenth
+    of an epoch or every PROGRESS_EVERY_S seconds, with the epoch's running means so far."""
+
+    EVERY_S = 30.0
+    FRACTION = 0.1
+
+    def __init__(self, n_batches: int, desc: str, quiet: bool = False, prefix: str = "[rank0] "):
+        self.n, self.desc, self.quiet, self.prefix = n_batches, desc, quiet, prefix
+        self.every = max(1, math.ceil(n_batches * self.FRACTION))
+        self.start = self.last = time.perf_counter()
+        self.images, self.loss, self.acc = 0, 0.0, 0.0
+
+    def update(self, b: int, images: int, metrics: dict[str, float]) -> None:
+        if self.quiet or sys.stderr.isatty():
+            return
+        self.images += images
+        self.loss += metrics["loss"] * images
+        self.acc += metrics["acc"] * images
+        now = time.perf_counter()
+        if b + 1 >= self.n or ((b + 1) % self.every and now - self.last < self.EVERY_S):
+            return  # the last batch is summed up by the epoch line
+        self.last = now
+        n = max(1, self.images)
+        print(f"{self.prefix}{self.desc} batch {b + 1}/{self.n} loss {self.loss / n:.4g} acc {100 * self.acc / n:.1f}% "
+              f"{self.images / max(1e-9, now - self.start):.0f} img/s", file=sys.stderr, flush=True)

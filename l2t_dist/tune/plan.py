@@ -10,6 +10,8 @@ the trial can starve each other. So the sweep decides everything itself:
   workers), its workers and source actors are sized so that `max_concurrent_trials` whole
   trials fit at once, and those sizes are written into every trial's job (cluster.*), so
   that a trial never waits for another one's workers.
+Memory counts like CPUs (distributed/memory.py estimates it; a local trial is one process
+with the whole batch and its sources), when the cluster reports it (Ray always does).
 A trial that cannot fit fails the command at once, naming both sides.
 """
 
@@ -20,7 +22,17 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from l2t_dist.config import JobConfig
-from l2t_dist.distributed.resources import EPS, MIN_CPU, Plan, _fmt, check_placement, plan_resources
+from l2t_dist.distributed.resources import (
+    EPS,
+    GIB,
+    MEMORY,
+    MIN_CPU,
+    Plan,
+    _fmt,
+    check_placement,
+    memory_hint,
+    plan_resources,
+)
 from l2t_dist.errors import ConfigError
 
 TRIAL_CPU = MIN_CPU  # a Ray-backend trial only waits on its TorchTrainer; {"CPU": 0} is rejected
@@ -64,6 +76,10 @@ def plan_local(job: JobConfig, requested: Optional[int], total: dict[str, float]
         raise ConfigError(f"run.device=cuda but the Ray cluster has no GPU ({_fmt(total)}); use run.device=auto "
                           "or cpu, or join a cluster with GPUs (--address)")
     need = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
+    if MEMORY in total:
+        from l2t_dist.distributed.memory import estimate_memory
+
+        need[MEMORY] = float(estimate_memory(job, workers=1, colocated=True).worker)
     per_node = [_fits(need, n) for n in (nodes or [total])]
     if not any(per_node):
         raise ConfigError(f"cannot place a trial: each local trial needs {_fmt(need)} (run.threads={job.run.threads}) "
@@ -82,7 +98,12 @@ def plan_ray(job: JobConfig, requested: Optional[int], total: dict[str, float],
     n = requested or 1
     share = {k: v / n for k, v in total.items()}
     share["CPU"] = total.get("CPU", 0.0) / n - TRIAL_CPU
-    train = plan_resources(cc, len(job.sources), share)
+    memory = None
+    if MEMORY in total:
+        from l2t_dist.distributed.memory import estimate_memory
+
+        memory = estimate_memory(job)
+    train = plan_resources(cc, len(job.sources), share, memory)
     need = train.total()
     per_trial = dict(need)
     per_trial["CPU"] = per_trial.get("CPU", 0.0) + TRIAL_CPU
@@ -92,11 +113,16 @@ def plan_ray(job: JobConfig, requested: Optional[int], total: dict[str, float],
             f"cannot place the sweep: {n} Ray-backend trial(s) at once, each {_fmt(per_trial)} (the trial "
             f"{{CPU: {TRIAL_CPU}}} + {train.describe()}), need more than the cluster's {_fmt(total)} "
             f"(short of {', '.join(sorted(short))}); lower max_concurrent_trials, cluster.workers or the "
-            f"cluster.*_per_worker / *_per_source_actor quantities, or add nodes")
+            f"cluster.*_per_worker / *_per_source_actor quantities, or add nodes" + memory_hint(train, short))
     check_placement(train, total, total, nodes)  # every single worker/actor fits on some node
+    # the trial re-plans from its job alone (trial.py): every size chosen here goes into it
     overrides = {"cluster.cpus_per_worker": train.workers.resources["CPU"]}
+    if MEMORY in train.workers.resources:
+        overrides["cluster.memory_per_worker_gb"] = train.workers.resources[MEMORY] / GIB
     if train.actors is not None:
         overrides["cluster.cpus_per_source_actor"] = train.actors.resources["CPU"]
+        if MEMORY in train.actors.resources:
+            overrides["cluster.memory_per_source_actor_gb"] = train.actors.resources[MEMORY] / GIB
     return TrialPlan("ray", {"cpu": TRIAL_CPU}, per_trial, n, overrides, [], train)
 
 

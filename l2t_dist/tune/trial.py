@@ -15,7 +15,6 @@ and runs no code after its last report.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,7 +40,7 @@ def epoch_metrics(record: dict) -> dict:
 
 
 class _TuneReporter:
-    """LocalRun callback: one tune.report per epoch (blocks until Tune asks for more)."""
+    """A training-loop callback: one tune.report per epoch (blocks until Tune asks for more)."""
 
     def on_epoch_end(self, run, record: dict) -> None:
         from ray import tune
@@ -75,51 +74,32 @@ def _fit_local(job: JobConfig, run_dir: Path, resume: bool) -> None:
 
 def _report_if_done(run_dir: Path) -> bool:
     """A resumed trial whose run had already finished: report its last epoch once more."""
-    import torch
     from ray import tune
 
-    tr = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["trainer"]
-    if tr["epoch"] < tr["job"]["optim"]["epochs"] or not tr["history"]:
+    from l2t_dist.train.state import TrainingState
+
+    state = TrainingState.load(run_dir / "last.pt")
+    if not state.finished or not state.history:
         return False
-    tune.report(epoch_metrics(tr["history"][-1]))
+    tune.report(epoch_metrics(state.history[-1]))
     return True
 
 
 def _fit_ray(job: JobConfig, run_dir: Path, resume: bool) -> None:
-    """launcher.train_ray inside a trial: the same worker loop and source actors, plus
+    """The launcher's `launch` inside a trial: the same worker loop and source actors, plus
     TuneReportCallback; the resources were planned by the driver (plan.py) and are explicit in
     the job's cluster section, so nothing is re-planned against what other trials hold."""
-    import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from l2t_dist.distributed.launcher import _prepare_run_dir, fit_trainer
+    from l2t_dist.distributed.launcher import launch
     from l2t_dist.distributed.resources import plan_resources
+    from l2t_dist.train.run_dir import RunDir
 
     if resume and _report_if_done(run_dir):
         return
-    job, run_dir, resume_bytes = _prepare_run_dir(None if resume else job, str(run_dir) if resume else None)
-    cc = job.cluster
-    plan = plan_resources(cc, len(job.sources), {"CPU": 0.0})  # every quantity is explicit
-    config = {"job": job.model_dump(mode="json"), "run_dir": str(run_dir), "quiet": True,
-              "threads": job.run.threads or plan.worker_threads, "served": plan.actors is not None}
-    handles: dict = {}
-    try:
-        if plan.actors is not None:
-            from l2t_dist.distributed.serving import start_source_actors
-
-            handles, infos = start_source_actors([s.model_dump(mode="json") for s in job.sources], cc.source_actors,
-                                                 plan.actors.resources, plan.actor_threads, cc.actor_max_restarts,
-                                                 cc.start_timeout_s)
-            config.update(source_handles=handles, source_infos=[infos[s.name] for s in job.sources])
-        if resume_bytes is not None:
-            config["resume_state"] = ray.put(resume_bytes)
-        fit_trainer(job, plan, config, run_dir, run_dir / "ray", f"{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                    callbacks=[TuneReportCallback()])
-    finally:
-        if handles:
-            from l2t_dist.distributed.serving import stop_source_actors
-
-            stop_source_actors(handles)
+    rd = RunDir.open(None if resume else job, str(run_dir) if resume else None)
+    plan = plan_resources(rd.job.cluster, len(rd.job.sources), {"CPU": 0.0})  # every quantity is explicit
+    launch(rd, plan, quiet=True, callbacks=[TuneReportCallback()])
 
 
 def best_of(rows: list[dict], max_t: int) -> dict:
@@ -137,19 +117,10 @@ def best_of(rows: list[dict], max_t: int) -> dict:
 
 def error_line(err) -> str:
     """One line for a failed trial: our own error's first line (what went wrong), found under
-    Ray's wrappers (a RayTaskError is itself an instance of the error it wraps, with Ray's
-    traceback as its text; the original is its `.cause`), else the last line of the error."""
-    from l2t_dist.errors import L2TError
+    Ray's wrappers, else the last line of the error."""
+    from l2t_dist.errors import last_line, unwrap_ray_error
 
-    node, found = err, None
-    for _ in range(10):
-        if node is None:
-            break
-        if isinstance(node, L2TError) and type(node).__module__ == L2TError.__module__:
-            found = node
-            break
-        node = getattr(node, "cause", None) or node.__cause__
-    if found is not None:
-        return str(found).strip().splitlines()[0]
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
+    ours = unwrap_ray_error(err)
+    if ours is not None:
+        return str(ours).strip().splitlines()[0]
+    return last_line(err)
