@@ -2,18 +2,22 @@
 
 TinyImageNet ResNet32 source (taps 4, 9, 14) and VGG9-bn target (taps 0-4) at 32x32: the 15
 pairs of L2T-ww all-to-all. Random data and random weights: speed does not depend on them.
-Each (method, mode) runs in its own subprocess, so the peak RSS belongs to that method alone,
-except `torch_plain` and `scratch`, which share one: `torch_plain` is the bare PyTorch step
-(forward, cross-entropy, backward, `torch.optim.SGD(lr, momentum, weight_decay).step()`) on
-the same model, initial weights and batch, and the two alternate iteration by iteration
-(ABBA), so that the noise of a shared machine hits both alike. Both end on the same weights
-(`same_weights`): they do the same work.
+
+Rows: `torch_plain`, the bare PyTorch step on the target (forward, cross-entropy, backward,
+`torch.optim.SGD(lr, momentum, weight_decay).step()`); `scratch`, the project's step of the
+same model from the same initial weights on the same batch; and the methods asked for.
+Each row lives in its own child process (so its peak RSS is its own, and no row's allocator
+state slows another: co-resident, the two plain rows page-fault differently), and the
+children step in lockstep, one iteration each per round, in ABBA order, so that the noise of
+a shared machine hits every row alike. Ratios are medians of per-round ratios.
+torch_plain and scratch must end on the same weights (`same_weights_scratch_torch_plain`,
+a hash of the state_dict): they do the same work.
 
     python benchmarks/step_throughput.py --batch 128 --T 2 --methods scratch,l2t_ww --json OUT
 
-OUT holds, per row, s_per_iter (median), images_per_s, peak_rss_mb and ratio_to_scratch,
-plus the seconds per phase of the L2T step (real step, look-ahead, reverse sweep, ...), and
-scratch_over_torch_plain: the median over iterations of the paired ratio.
+OUT holds, per row, s_per_iter (median), images_per_s, times, peak_rss_mb, ratio_to_scratch
+(median of the paired ratios) and the seconds per phase of the L2T step (real step,
+look-ahead, reverse sweep, ...), and scratch_over_torch_plain.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -46,99 +51,88 @@ def job_for(method: str, batch: int, T: int, mode: str):
     })
 
 
-def _trainee(method: str, batch: int, T: int, mode: str, threads: int):
+def build_row(row: str, batch: int, T: int, threads: int):
+    """(step function, the module whose weights it trains, its L2TStep or None) for one row."""
     import torch
+    import torch.nn.functional as F
 
     from l2t_dist.method.methods import get_method
     from l2t_dist.models import build_model
     from l2t_dist.sources.colocated import LoadedSource
+    from l2t_dist.sources.feeder import source_features
     from l2t_dist.train.build import build_trainee
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    job = job_for(method, batch, T, mode)
+    method, _, mode = row.partition(":")
+    job = job_for("scratch" if method == "torch_plain" else method, batch, T, mode or "keep")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    torch.manual_seed(0)   # the same initial target weights in every row
+    if method == "torch_plain":
+        model = build_model(job.target.arch, 10)
+        o = job.optim
+        opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+        def torch_plain():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return torch_plain, model, None
     sources = []
     if get_method(method).needs_sources:
         src = build_model("l2t_resnet32", 200).eval().requires_grad_(False)
         sources = [LoadedSource("tin", "l2t_resnet32", src, src.resolve_taps([4, 9, 14]))]
-    return job, build_trainee(job, 10, torch.device("cpu"), sources=sources)
+    trainee = build_trainee(job, 10, torch.device("cpu"), sources=sources)
+
+    def step():
+        with torch.no_grad():
+            feats = source_features(trainee.sources, trainee.requests, x)
+        trainee.step(x, y, feats)
+
+    return step, trainee.target, trainee.step
 
 
-def _batch(batch: int):
-    import torch
+def serve(row: str, batch: int, T: int, threads: int) -> None:
+    """Child: build the row, then time one iteration per "step" line read from stdin."""
+    import hashlib
 
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
-
-
-def _features(trainee, x):
-    import torch
-
-    from l2t_dist.sources.feeder import source_features
-
-    with torch.no_grad():
-        return source_features(trainee.sources, trainee.requests, x)
-
-
-def _row(times: list[float], batch: int, phases: dict) -> dict:
-    s = statistics.median(times)
-    return {"s_per_iter": s, "images_per_s": batch / s, "times": times,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "phases_s": {k: statistics.median(v) for k, v in phases.items()}}
-
-
-def measure(method: str, batch: int, T: int, mode: str, iters: int, warmup: int, threads: int) -> dict:
-    """Run in a child process: build the step, time `iters` iterations after `warmup`."""
-    _, trainee = _trainee(method, batch, T, mode, threads)
-    x, y = _batch(batch)
-    times, phases = [], {}
-    for i in range(warmup + iters):
-        trainee.step.timings = {} if i >= warmup else None
+    fn, module, l2t = build_row(row, batch, T, threads)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        if l2t is not None:
+            l2t.timings = {}
         t0 = time.perf_counter()
-        trainee.step(x, y, _features(trainee, x))
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            for k, v in trainee.step.timings.items():
-                phases.setdefault(k, []).append(v)
-    return _row(times, batch, phases)
+        fn()
+        print(json.dumps({"s": time.perf_counter() - t0, "phases": l2t.timings if l2t is not None else {}}),
+              flush=True)
+    digest = hashlib.sha256()
+    for t in module.state_dict().values():
+        digest.update(t.detach().contiguous().numpy().tobytes())
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "weights_sha256": digest.hexdigest()}), flush=True)
 
 
-def measure_plain(batch: int, iters: int, warmup: int, threads: int) -> dict:
-    """Run in a child process: torch_plain and scratch on twin models, alternating ABBA."""
-    import torch
-    import torch.nn.functional as F
+class Child:
+    """One row's process, driven line by line."""
 
-    from l2t_dist.models import build_model
+    def __init__(self, row: str, args):
+        self.row, self.err = row, tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, __file__, "--child", row, "--batch", str(args.batch), "--T", str(args.T),
+               "--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
 
-    job, trainee = _trainee("scratch", batch, 2, "keep", threads)
-    torch.manual_seed(0)
-    model = build_model(job.target.arch, 10)   # the same initial weights as the trainee's target
-    o = job.optim
-    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    x, y = _batch(batch)
-
-    def torch_plain():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def scratch():
-        trainee.step(x, y, {})
-
-    runs = {"torch_plain": (torch_plain, []), "scratch": (scratch, [])}
-    for i in range(warmup + iters):
-        for name in (("torch_plain", "scratch") if i % 2 == 0 else ("scratch", "torch_plain")):
-            fn, times = runs[name]
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    out = {name: _row(times, batch, {}) for name, (_, times) in runs.items()}
-    ratios = [a / b for a, b in zip(runs["scratch"][1], runs["torch_plain"][1])]
-    same = all(torch.equal(a, b) for a, b in zip(trainee.target.state_dict().values(), model.state_dict().values()))
-    return {"rows": out, "scratch_over_torch_plain": statistics.median(ratios), "paired_ratios": ratios,
-            "same_weights": same}
+    def ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            self.proc.wait()
+            self.err.seek(0)
+            sys.exit(f"{self.row} failed (exit {self.proc.returncode}):\n{self.err.read()[-3000:]}")
+        return json.loads(reply)
 
 
 def main() -> None:
@@ -153,12 +147,8 @@ def main() -> None:
     ap.add_argument("--json", metavar="OUT", help="write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child == "plain":
-        print(json.dumps(measure_plain(args.batch, args.iters, args.warmup, args.threads)))
-        return
     if args.child:
-        method, mode = args.child.split(":")
-        print(json.dumps(measure(method, args.batch, args.T, mode, args.iters, args.warmup, args.threads)))
+        serve(args.child, args.batch, args.T, args.threads)
         return
     from l2t_dist.method.methods import get_method, method_names
 
@@ -166,45 +156,49 @@ def main() -> None:
     unknown = sorted(set(methods) - set(method_names()))
     if unknown:
         sys.exit(f"unknown methods {unknown}; allowed: {', '.join(method_names())}")
-    # torch_plain and scratch always, in one child: the ratios need them measured in the same run.
-    runs = [("plain", None)] + [(f"{m}:{mode}", m if mode == "keep" else f"{m}[{mode}]") for m in methods
-                                for mode in (args.modes.split(",") if get_method(m).meta_networks else ["keep"])]
-    results, extra = {}, {}
-    for child, key in runs:
-        cmd = [sys.executable, __file__, "--child", child, "--batch", str(args.batch), "--T", str(args.T),
-               "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        load_before = os.getloadavg()[0]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{key or child} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        if child == "plain":
-            rows, extra = out.pop("rows"), out
-        else:
-            rows = {key: out}
-        for name, row in rows.items():
-            # Shared machines are noisy: keep the 1-minute load around each measurement.
-            row["load_avg_1m"] = [load_before, os.getloadavg()[0]]
-            results[name] = row
-            print(f"{name:>16}: {row['s_per_iter']:.3f} s/iter  {row['images_per_s']:.1f} img/s  "
-                  f"peak {row['peak_rss_mb']:.0f} MB", flush=True)
-    base = results["scratch"]["s_per_iter"]
-    for r in results.values():
-        r["ratio_to_scratch"] = r["s_per_iter"] / base
+    # torch_plain and scratch always: the ratios need them measured in the same run.
+    modes = args.modes.split(",")
+    rows = ["torch_plain", "scratch"] + [f"{m}:{mode}" for m in methods
+                                         for mode in (modes if get_method(m).meta_networks else ["keep"])]
+    load_before = os.getloadavg()[0]
+    children = [Child(row, args) for row in rows]
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    phases: dict[str, dict[str, list[float]]] = {row: {} for row in rows}
+    for i in range(args.warmup + args.iters):
+        for child in (children if i % 2 == 0 else children[::-1]):
+            reply = child.ask("step")
+            if i >= args.warmup:
+                times[child.row].append(reply["s"])
+                for k, v in reply["phases"].items():
+                    phases[child.row].setdefault(k, []).append(v)
+    final = {child.row: child.ask("done") for child in children}
+    load = [load_before, os.getloadavg()[0]]   # shared machines are noisy: the 1-minute load around the run
+
+    def paired(row: str, base: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[row], times[base]))
+
+    results = {}
+    for row in rows:
+        method, _, mode = row.partition(":")
+        key = method if mode in ("", "keep") else f"{method}[{mode}]"
+        s = statistics.median(times[row])
+        results[key] = {"s_per_iter": s, "images_per_s": args.batch / s, "times": times[row],
+                        "peak_rss_mb": final[row]["peak_rss_mb"], "ratio_to_scratch": paired(row, "scratch"),
+                        "phases_s": {k: statistics.median(v) for k, v in phases[row].items()}, "load_avg_1m": load}
+        print(f"{key:>16}: {s:.3f} s/iter  {args.batch / s:.1f} img/s  peak {final[row]['peak_rss_mb']:.0f} MB  "
+              f"ratio to scratch {results[key]['ratio_to_scratch']:.3f}", flush=True)
+    same = final["scratch"]["weights_sha256"] == final["torch_plain"]["weights_sha256"]
+    ratio = paired("scratch", "torch_plain")
+    print(f"scratch / torch_plain: {ratio:.3f} (median of {args.iters} paired ratios); same weights: {same}; "
+          f"1-minute load {load[0]:.2f} -> {load[1]:.2f}")
     report = {"config": {"batch": args.batch, "T": args.T, "threads": args.threads, "iters": args.iters,
-                         "source": "l2t_resnet32 taps 4,9,14", "target": "vgg9_bn taps 0-4", "pairs": 15,
-                         "python": platform.python_version(), "machine": platform.machine(),
-                         "torch": _torch_version(), "cpus": os.cpu_count()},
-              "scratch_over_torch_plain": extra["scratch_over_torch_plain"],
-              "paired_ratios_scratch_over_torch_plain": extra["paired_ratios"],
-              "same_weights_scratch_torch_plain": extra["same_weights"], "methods": results}
+                         "warmup": args.warmup, "source": "l2t_resnet32 taps 4,9,14", "target": "vgg9_bn taps 0-4",
+                         "pairs": 15, "python": platform.python_version(), "machine": platform.machine(),
+                         "torch": _torch_version(), "cpus": os.cpu_count(), "command": "python " + " ".join(sys.argv)},
+              "scratch_over_torch_plain": ratio, "same_weights_scratch_torch_plain": same, "methods": results}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
-    for key, r in results.items():
-        print(f"{key:>16}: ratio to scratch {r['ratio_to_scratch']:.3f}")
-    print(f"scratch / torch_plain (median of paired ratios): {extra['scratch_over_torch_plain']:.3f}; "
-          f"same weights after the run: {extra['same_weights']}")
 
 
 def _torch_version() -> str:

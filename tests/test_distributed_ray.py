@@ -14,6 +14,7 @@ bad checkpoint fails before any worker starts (colocated) or when the actors loa
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -197,7 +198,7 @@ def _our_processes(title: str) -> list:
 
 
 def test_sigkill_of_a_source_actor_and_a_worker_is_survived_exactly(reference, cluster, ckpts, tmp_path):
-    """Acceptance: SIGKILL a source actor, then a train worker, mid-run; the run resumes from
+    """Acceptance: SIGKILL a train worker, then a source actor, mid-run; the run resumes from
     the last checkpoint and ends with the reference run's metrics and parameters."""
     from l2t_dist.distributed.launcher import train_ray
 
@@ -209,12 +210,15 @@ def test_sigkill_of_a_source_actor_and_a_worker_is_survived_exactly(reference, c
         deadline = time.time() + RUN_TIMEOUT_S
         while time.time() < deadline and not list(storage.glob("*/checkpoint-e0001-*")):
             time.sleep(0.2)
-        for p in _our_processes("ray::SourceServer")[:1]:  # mid epoch 2: a source actor
-            killed["source"] = p.pid
-            os.kill(p.pid, signal.SIGKILL)
-        time.sleep(4.0)
-        for p in _our_processes("ray::RayTrainWorker")[:1]:  # ... then a train worker
+        # both inside epoch 2 (its first iteration takes longer than the 0.2 s polling): a train
+        # worker, so Ray Train restarts the group from the epoch-1 checkpoint, then a source actor,
+        # which Ray restarts while the new group waits for its features
+        for p in _our_processes("ray::RayTrainWorker")[:1]:
             killed["worker"] = p.pid
+            os.kill(p.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        for p in _our_processes("ray::SourceServer")[:1]:
+            killed["source"] = p.pid
             os.kill(p.pid, signal.SIGKILL)
 
     th = threading.Thread(target=killer, daemon=True)
@@ -253,7 +257,8 @@ def test_unplaceable_job_fails_fast_with_what_was_asked_and_what_exists(cluster,
     with pytest.raises(ConfigError) as err:
         train_ray(job, quiet=True)
     msg = str(err.value)
-    assert "6 workers x {CPU: 0.5, train_node: 1}" in msg and "CPU: 2 free of 2" in msg, msg
+    # (what is free depends on what Ray is still tearing down from the runs before)
+    assert "6 workers x {CPU: 0.5, train_node: 1}" in msg and re.search(r"CPU: [\d.]+ free of 2", msg), msg
     job = parse_job(job_tree(tmp_path, ckpts, "gpu", gpus_per_worker=1))
     with pytest.raises(ConfigError, match="GPU: 0 free of 0"):
         train_ray(job, quiet=True)

@@ -72,6 +72,7 @@ ARCHS = [("tv:resnet18", 0), ("timm:resnet10t", 3)]
 
 @pytest.mark.parametrize("arch, seed", ARCHS)
 def test_hypergradient_matches_finite_differences(arch, seed):
+    torch.manual_seed(seed)  # the target's initialisation too, not whatever earlier tests left in the RNG
     obj, step, x, y, feats = setup(smooth(build_model(arch, 5)), seed)
     batch = obj.prepare(x, y, feats)
     lams = torch.cat(batch.lams).detach()
@@ -85,8 +86,9 @@ def test_hypergradient_matches_finite_differences(arch, seed):
         b = obj.prepare(x, y, feats)
         return float(lookahead_loss(theta0, bufs0, obj.inner(b), obj.task_loss(b), 1, step.hp))
 
-    # Central differences along random unit directions in φ (the what/where nets of four pairs).
-    gen, eps, fd, an = torch.Generator().manual_seed(seed), 1e-5, [], []
+    # Central differences along random unit directions in φ (the what/where nets of four pairs);
+    # their truncation error falls as eps² (measured: 1.4e-5 at eps 1e-5 on tv:resnet18, 1e-7 at 1e-6).
+    gen, eps, fd, an = torch.Generator().manual_seed(seed), 1e-6, [], []
     base = meta_loss()
     for _ in range(3):
         d = torch.randn(g.numel(), generator=gen, dtype=F64)

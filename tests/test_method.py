@@ -396,6 +396,18 @@ def test_non_finite_loss_is_a_training_error():
         step(x, y, feats)
 
 
+def test_non_finite_gradient_stops_before_the_update():
+    """A finite loss with a NaN gradient (here put there by the reduce hook) still stops the
+    run, with the same message, and neither θ nor the momentum moved."""
+    obj, step = make(reduce_fn=lambda gs: gs[-1].view(-1)[0].fill_(float("nan")))
+    theta, bufs = [p.detach().clone() for p in obj.theta_params()], [b.clone() for b in step.bufs]
+    with pytest.raises(TrainingError, match=r"^non-finite loss or gradient at iteration 0 \(loss [0-9.]+, ce [0-9.]+, "
+                                            r"transfer [0-9.]+\); lower the learning rate or beta$"):
+        step(*batch(), meta=False)
+    assert all(torch.equal(a, b) for a, b in zip(theta, obj.theta_params()))
+    assert all(torch.equal(a, b) for a, b in zip(bufs, step.bufs))
+
+
 def test_state_dict_round_trip_resumes_exactly():
     """Saved after 2 iterations, loaded into a fresh student and step: the next 2 iterations are
     bit for bit those of the uninterrupted run (θ, φ, momentum, BN stats and Adam's moments)."""

@@ -3,7 +3,7 @@
 ```python
 from l2t_dist.bilevel import SGDHyper, sgd_step_, hypergradient, InnerObjective
 hp = SGDHyper(lr=0.1, momentum=0.9, weight_decay=1e-4)
-sgd_step_(params, bufs, grads, hp)        # in place; a None grad counts as zero (wd + momentum still act)
+sgd_step_(params, bufs, grads, hp)        # in place, consumes grads; a None grad counts as zero (wd, momentum act)
 new = sgd_update(params, bufs, grads, hp) # out of place for params, bufs in place
 meta_loss, grads_phi = hypergradient(params0, bufs0, phi, inner, outer_loss, T, hp, mode="keep")
 #   inner: InnerObjective (loss(params), or terms(params) + weights() for the factored form);
