@@ -14,12 +14,12 @@ unrolled_hypergradient(...)                                     # brute-force re
 ```
 """
 
-from l2t_dist.bilevel.hypergrad import MODES, grads_of, hypergradient, leaves, lookahead_loss
+from l2t_dist.bilevel.hypergrad import MODES, check_lookahead, grads_of, hypergradient, leaves, lookahead_loss
 from l2t_dist.bilevel.objective import FactoredObjective, FunctionObjective, InnerObjective
 from l2t_dist.bilevel.sgd import SGDHyper, sgd_step_, sgd_update, zero_bufs
 from l2t_dist.bilevel.unrolled import unrolled_hypergradient
 
 __all__ = [
-    "MODES", "SGDHyper", "sgd_step_", "sgd_update", "zero_bufs", "hypergradient", "lookahead_loss",
+    "MODES", "check_lookahead", "SGDHyper", "sgd_step_", "sgd_update", "zero_bufs", "hypergradient", "lookahead_loss",
     "unrolled_hypergradient", "InnerObjective", "FactoredObjective", "FunctionObjective", "grads_of", "leaves",
 ]

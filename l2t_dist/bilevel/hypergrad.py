@@ -71,7 +71,8 @@ def _vjp(outputs: Sequence[Optional[Tensor]], cotangents: Sequence[Tensor], inpu
                                     retain_graph=retain_graph))
 
 
-def _check_args(T: int, mode: str) -> None:
+def check_lookahead(T: int, mode: str) -> None:
+    """The one check of T and the mode (the job schema's bounds say the same for job files)."""
     if not isinstance(T, int) or T < 1:
         raise ConfigError(f"the look-ahead needs T >= 1 matching steps, got T={T!r}")
     if mode not in MODES:
@@ -81,7 +82,7 @@ def _check_args(T: int, mode: str) -> None:
 def lookahead_loss(params0: Sequence[Tensor], bufs0: Sequence[Tensor], inner: InnerObjective,
                    outer_loss: Loss, T: int, hp: SGDHyper) -> Tensor:
     """The meta-loss alone (no hyper-gradient): for finite differences and diagnostics."""
-    _check_args(T, "keep")
+    check_lookahead(T, "keep")
     theta = [p.detach() for p in params0]
     v = [b.detach().clone() for b in bufs0]
     for k in range(1, T + 2):
@@ -102,7 +103,7 @@ def hypergradient(params0: Sequence[Tensor], bufs0: Sequence[Tensor], meta_param
     weight decay and momentum, and the hyper-gradient accounts for that. `timings`, when
     given, is filled with seconds per phase (benchmarks; it synchronises CUDA).
     """
-    _check_args(T, mode)
+    check_lookahead(T, mode)
     clock = _Clock(timings, params0)
     keep = mode == "keep"
     weights = inner.weights()

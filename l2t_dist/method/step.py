@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from l2t_dist.bilevel import MODES, SGDHyper, grads_of, hypergradient, sgd_step_, zero_bufs
+from l2t_dist.bilevel import SGDHyper, check_lookahead, grads_of, hypergradient, sgd_step_, zero_bufs
 from l2t_dist.errors import ConfigError, TrainingError
 from l2t_dist.method.functional import preserved_buffers
 from l2t_dist.method.objective import TransferObjective
@@ -51,10 +51,7 @@ class L2TStep:
                  reduce_fn: Optional[ReduceFn] = None):
         if meta_interval < 1:
             raise ConfigError(f"meta_interval must be >= 1, got {meta_interval}")
-        if mode not in MODES:
-            raise ConfigError(f"unknown hyper-gradient mode {mode!r}; allowed: {', '.join(MODES)}")
-        if T < 1:
-            raise ConfigError(f"the look-ahead needs T >= 1 matching steps, got T={T}")
+        check_lookahead(T, mode)
         self.objective = objective
         self.hp = hp
         self.T = T
