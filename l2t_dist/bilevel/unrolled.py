@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from l2t_dist.bilevel.hypergrad import Loss, _check_args, leaves
+from l2t_dist.bilevel.hypergrad import Loss, check_lookahead, leaves
 from l2t_dist.bilevel.objective import InnerObjective
 from l2t_dist.bilevel.sgd import SGDHyper
 
@@ -20,7 +20,7 @@ def unrolled_hypergradient(params0: Sequence[Tensor], bufs0: Sequence[Tensor], m
                            inner: InnerObjective, outer_loss: Loss, T: int,
                            hp: SGDHyper) -> tuple[Tensor, list[Tensor]]:
     """Same contract as `hypergradient`, by autograd through all T+1 steps with create_graph."""
-    _check_args(T, "keep")
+    check_lookahead(T, "keep")
     theta = leaves(params0)
     v = [b.detach().clone() for b in bufs0]
     for k in range(1, T + 2):
