@@ -186,19 +186,27 @@ def test_two_ray_workers_equal_one_process_simulation(reference, ckpts):
     assert max((one["phi"][k] - sim["phi"][k]).abs().max().item() for k in sim["phi"]) > 1e-5
 
 
-def _our_processes(title: str) -> list:
+def _our_processes(title: str, since: float = 0.0) -> list:
+    """This test process's Ray processes with `title`, started at `since` (time.time()) or later."""
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if any(title in part for part in p.cmdline()):
+            if any(title in part for part in p.cmdline()) and p.create_time() >= since:
                 out.append(p)
         except psutil.Error:
             pass
     return out
 
 
+def _wait_until_idle(timeout_s: float = 60.0) -> None:
+    """Ray frees the actors of a finished run asynchronously: wait until everything is free."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        time.sleep(0.5)
+
+
 def test_sigkill_of_a_source_actor_and_a_worker_is_survived_exactly(reference, cluster, ckpts, tmp_path):
-    """Acceptance: SIGKILL a train worker, then a source actor, mid-run; the run resumes from
+    """Acceptance: SIGKILL a source actor, then a train worker, mid-run; the run resumes from
     the last checkpoint and ends with the reference run's metrics and parameters."""
     from l2t_dist.distributed.launcher import train_ray
 
@@ -206,19 +214,19 @@ def test_sigkill_of_a_source_actor_and_a_worker_is_survived_exactly(reference, c
     storage = tmp_path / "fault" / "ray"
     killed: dict = {}
 
+    started = time.time() - 1.0  # only this run's workers and actors are killed
+
     def killer():
         deadline = time.time() + RUN_TIMEOUT_S
         while time.time() < deadline and not list(storage.glob("*/checkpoint-e0001-*")):
             time.sleep(0.2)
-        # both inside epoch 2 (its first iteration takes longer than the 0.2 s polling): a train
-        # worker, so Ray Train restarts the group from the epoch-1 checkpoint, then a source actor,
-        # which Ray restarts while the new group waits for its features
-        for p in _our_processes("ray::RayTrainWorker")[:1]:
-            killed["worker"] = p.pid
-            os.kill(p.pid, signal.SIGKILL)
-        time.sleep(0.5)
-        for p in _our_processes("ray::SourceServer")[:1]:
+        # mid epoch 2: a source actor (epoch 2 then waits while Ray restarts it) ...
+        for p in _our_processes("ray::SourceServer", started)[:1]:
             killed["source"] = p.pid
+            os.kill(p.pid, signal.SIGKILL)
+        time.sleep(2.0)  # ... by then the epoch-1 checkpoint is registered with Ray Train
+        for p in _our_processes("ray::RayTrainWorker", started)[:1]:  # ... then a train worker
+            killed["worker"] = p.pid
             os.kill(p.pid, signal.SIGKILL)
 
     th = threading.Thread(target=killer, daemon=True)
@@ -252,6 +260,7 @@ def test_sigkill_of_a_source_actor_and_a_worker_is_survived_exactly(reference, c
 def test_unplaceable_job_fails_fast_with_what_was_asked_and_what_exists(cluster, ckpts, tmp_path):
     from l2t_dist.distributed.launcher import train_ray
 
+    _wait_until_idle()
     t0 = time.perf_counter()
     job = parse_job(job_tree(tmp_path, ckpts, "big", workers=6, cpus_per_worker=0.5))
     with pytest.raises(ConfigError) as err:
