@@ -42,8 +42,14 @@ BUDGET = ["data.batch_size=32", "data.val_fraction=0.02", "optim.lr=0.01", "opti
 METHODS = {"scratch": ["method.name=scratch"], "fm": ["method.name=fm", "method.pairs=one_to_one"],
            "at": ["method.name=at"], "l2t_w": ["method.name=l2t_w"], "l2t_ww": ["method.name=l2t_ww"],
            # the control for l2t_ww: the same 15 all-to-all pairs, fixed uniform weights, no meta-learning
-           "fm_a2a": ["method.name=fm", "method.pairs=all_to_all"]}
-RUN_ORDER = ["scratch", "fm", "l2t_ww", "at", "l2t_w", "fm_a2a"]  # the issue's three first: a cut-short study has them
+           "fm_a2a": ["method.name=fm", "method.pairs=all_to_all"],
+           # the practitioner's baseline: fine-tune the source network itself (its architecture, its
+           # TinyImageNet weights, a new 10-class head), no source and no VGG9
+           "finetune": ["method.name=finetune", "sources=[]", "target.arch=l2t_resnet32", "target.taps=null",
+                        "target.checkpoint=../shared/weights/l2tww_tinyimagenet200_resnet32_model_best.pth.tar"]}
+RUN_ORDER = ["scratch", "fm", "l2t_ww", "at", "l2t_w", "fm_a2a", "finetune"]  # the issue's three first: a
+# cut-short study has them
+NO_SOURCE = {"finetune"}  # methods whose runs list no source (their `sources` is "")
 C10_SOURCE = ("sources=[{name: c10, arch: resnet20, taps: [2, 5, 8], "
               "checkpoint: ../shared/weights/akamaster_cifar10_resnet20-12fca82f.th}]")
 CHECKPOINTS = {"tin": "weights/l2tww_tinyimagenet200_resnet32_model_best.pth.tar",
@@ -68,7 +74,8 @@ def plan(seeds: tuple = (0, 1)) -> list[dict]:
                 extra = METHODS[method]
                 add(f"c10-{per_class}-{method}-s{seed}", "jobs/cifar10_limited.yaml",
                     [*extra, f"data.per_class={per_class}", f"run.seed={seed}"],
-                    study="limited", method=method, per_class=per_class, seed=seed, sources="tin")
+                    study="limited", method=method, per_class=per_class, seed=seed,
+                    sources="" if method in NO_SOURCE else "tin")
         if seed == 0 and regimes == (25,):  # multi-source right after the first seed of the main regime
             add("ms-25-l2t_ww-s0", "jobs/multi_source.yaml", ["data.per_class=25", "run.seed=0"],
                 study="multi_source", method="l2t_ww", per_class=25, seed=0, sources="tin+c10")

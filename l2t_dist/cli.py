@@ -83,6 +83,7 @@ def _add_demo(sub) -> None:
     demo.add_argument("--source", metavar="ARCH:CHECKPOINT", action="append", default=[],
                       help="a real source checkpoint instead of pretraining (repeat for several)")
     demo.add_argument("--per-class", type=int, default=10, help="target training images per class")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the target runs (the sources are always seed 0)")
     demo.add_argument("--tracking-uri", default=None,
                       help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     demo.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
@@ -93,7 +94,8 @@ def _cmd_demo(args) -> int:
     from l2t_dist.demo import run_demo
 
     result = run_demo(args.out, quick=args.quick, backend=args.backend, data_root=args.data_root,
-                      source_specs=args.source, tracking_uri=args.tracking_uri, per_class=args.per_class)
+                      source_specs=args.source, tracking_uri=args.tracking_uri, per_class=args.per_class,
+                      seed=args.seed)
     if args.json:
         print(json.dumps(result, default=str))
     return 0

@@ -16,7 +16,8 @@ from l2t_dist.errors import ConfigError
 from l2t_dist.method.methods import get_method, method_names
 from l2t_dist.models.names import ARCH_NAMES, check_arch  # torch-free; tv:/timm: names import their library
 
-DATA_KINDS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "parquet", "synthetic")
+DATA_KINDS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "cub200", "stanford_dogs", "mit67",
+              "stanford40", "parquet", "synthetic")
 PAIR_PRESETS = ("single", "one_to_one", "all_to_all")
 # The method names come from the registry (l2t_dist/method/methods.py, torch-free), so that a
 # new method is one class there; a Literal keeps the schema's enum and its error message.
@@ -48,7 +49,7 @@ def _check_arch(value: str) -> str:
 class DataConfig(_Section):
     """Where the target task's images come from and how they are split."""
 
-    kind: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "parquet", "synthetic"] = "synthetic"
+    kind: Literal[DATA_KINDS] = "synthetic"
     path: str = Field("task=c,classes=10,per_class=100,size=32,seed=0",
                       description="dataset folder; for synthetic, a spec like task=c,classes=10")
     train_split: str = Field("train", description="training split as named on disk")
@@ -61,7 +62,17 @@ class DataConfig(_Section):
     image_size: int = Field(32, ge=8, le=512, description="side of the square images fed to the networks")
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(500, ge=1)
-    augment: bool = Field(True, description="pad-4 random crop and horizontal flip for training")
+    augment: bool = Field(True, description="random training augmentation: memory pipeline, pad-4 crop and "
+                                            "horizontal flip; stream pipeline, RandomResizedCrop and flip")
+    pipeline: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: every split decoded once into uint8 tensors (sizes up to 96; pad-4 crop + flip); "
+                            "stream: each batch decoded from the original images by data.decode_workers processes "
+                            "with the official L2T-ww transforms (train RandomResizedCrop + flip, eval Resize "
+                            "size*256/224 + CenterCrop); auto: stream when data.image_size > 96 or the decoded splits "
+                            "would exceed 2 GiB, else memory (decided from the job and the dataset's size only, so "
+                            "every worker and every resume agree)")
+    decode_workers: int = Field(2, ge=0, le=64, description="processes that decode and augment the batches of the "
+                                                            "stream pipeline; 0: in the training process")
 
 
 class SourceConfig(_Section):
@@ -89,6 +100,14 @@ class TargetConfig(_Section):
 
     arch: str = Field("vgg9_bn", description=ARCH_DESCRIPTION)
     taps: Optional[list[TapSpec]] = Field(None, description=TAPS_DESCRIPTION)
+    checkpoint: Optional[str] = Field(
+        None, description="start the target from this checkpoint of target.arch (the formats of "
+                          "sources[].checkpoint) instead of a random initialisation; every key must fit except the "
+                          "classifier head, which is new (the task's classes). Required by method finetune, "
+                          "allowed for every method")
+    allow_unsafe_pickle: bool = Field(
+        False, description="DANGEROUS: unpickle target.checkpoint in full if it holds Python objects beyond tensors "
+                           "(a pickle can run any code while it loads); only for a file you trust")
 
     @field_validator("arch")
     @classmethod
@@ -188,7 +207,13 @@ class ClusterConfig(_Section):
                                                description="custom Ray resources per source actor")
     feature_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="transport dtype of served features")
     prefetch: int = Field(1, ge=0, le=8, description="batches of features requested ahead of the step")
-    sync_bn: bool = Field(False, description="synchronised batch norm (not supported; per-worker statistics)")
+    meta_sync: Literal["per_shard", "global"] = Field(
+        "per_shard", description="global: every look-ahead step and reverse product is all-reduced, so N workers "
+                                 "compute the one-process hyper-gradient of the global batch; per_shard: each worker "
+                                 "looks ahead on its shard and the hyper-gradients are averaged (fewer bytes)")
+    sync_bn: bool = Field(False, description="normalise with the global batch's moments (differentiable all-reduce, "
+                                             "real step and look-ahead); needs meta_sync: global; false: per-worker "
+                                             "statistics, averaged before evaluation and checkpoints")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
     actor_max_restarts: int = Field(2, ge=0, description="restarts of a dead source actor (requests are retried)")
     request_timeout_s: float = Field(300.0, gt=0, description="longest wait for one batch of served features")
@@ -196,14 +221,12 @@ class ClusterConfig(_Section):
     storage_path: Optional[str] = Field(
         None, description="Ray Train checkpoint storage (shared storage on multi-node); default OUT_DIR/NAME/ray")
 
-    @field_validator("sync_bn")
-    @classmethod
-    def _no_sync_bn(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("sync_bn=true is not supported: the hyper-gradient differentiates twice through "
-                             "batch norm, which torch's SyncBatchNorm (CUDA only) cannot; batch norm uses "
-                             "per-worker statistics, averaged across workers before evaluation and checkpoints")
-        return v
+    @model_validator(mode="after")
+    def _sync_bn_needs_global(self):
+        if self.sync_bn and self.meta_sync != "global":
+            raise ValueError("cluster.sync_bn=true needs cluster.meta_sync=global: synchronised moments are those of "
+                             "the global batch, which a look-ahead per shard does not see")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -245,6 +268,12 @@ class JobConfig(_Section):
                              "(name, arch, checkpoint); use method.name=scratch to train without one")
         if method.single_source and len(self.sources) != 1:
             raise ValueError(f"method {method.name!r} takes exactly one source")
+        if not method.takes_sources and self.sources:
+            raise ValueError(f"method {method.name!r} uses no sources, but the job lists {', '.join(names)}; "
+                             "remove them (sources=[] on the command line)")
+        if method.needs_target_checkpoint and not self.target.checkpoint:
+            raise ValueError(f"method {method.name!r} starts the target from a pretrained checkpoint: set "
+                             "target.checkpoint=PATH, a checkpoint of target.arch (its classifier head is replaced)")
         return self
 
 
@@ -257,7 +286,8 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
             lines.append(f"  - unknown key '{key}'; allowed here: {', '.join(allowed)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {key}: {msg} (got {e.get('input')!r})")
+            got = f" (got {e.get('input')!r})" if e["loc"] else ""  # at the top level the input is the whole job
+            lines.append(f"  - {key}: {msg}{got}")
     return "\n".join(lines)
 
 

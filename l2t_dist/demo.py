@@ -42,24 +42,35 @@ def source_job(name: str, task: str, arch: str, out: Path, epochs: int) -> JobCo
 
 
 def target_job(method: str, sources: list[dict], out: Path, epochs: int, data: dict, *,
-               workers: int = 2, tracking: Optional[dict] = None) -> JobConfig:
+               workers: int = 2, tracking: Optional[dict] = None, seed: int = 0) -> JobConfig:
+    # meta_sync global + sync_bn: the 2 Ray workers run the one-process algorithm on the global
+    # batch (docs/distributed.md), so `--backend ray` and `--backend local` answer alike.
     return parse_job({"data": data, "target": {"arch": "resnet20"},
                       "sources": sources if method != "scratch" else [],
                       "method": {"name": method, "beta": 0.5, "T": 2},
                       "optim": {"lr": 0.05, "epochs": epochs}, "meta": {"lr": 1e-3},
-                      "run": {"name": f"target-{method}", "out_dir": str(out), "seed": 0},
-                      "cluster": {"workers": workers, "sources_mode": "served"},
+                      "run": {"name": f"target-{method}", "out_dir": str(out), "seed": seed},
+                      "cluster": {"workers": workers, "sources_mode": "served", "meta_sync": "global",
+                                  "sync_bn": True},
                       "tracking": tracking or {"enabled": False}})
 
 
 def parse_source(spec: str, index: int) -> dict:
     """`--source ARCH:CHECKPOINT` -> a job's source entry (default taps: each stage's end)."""
     from l2t_dist.config import ARCH_NAMES
+    from l2t_dist.models.names import PREFIXES, check_arch
 
-    arch, sep, path = spec.partition(":")
-    if not sep or arch not in ARCH_NAMES or not path:
+    prefix, _, rest = spec.partition(":")
+    if prefix in PREFIXES:  # tv:resnet18:PATH, timm:convnext_atto:PATH
+        name, sep, path = rest.partition(":")
+        arch = f"{prefix}:{name}"
+    else:
+        arch, sep, path = prefix, bool(rest), rest
+    if not sep or not path or (arch not in ARCH_NAMES and prefix not in PREFIXES):
         raise ConfigError(f"--source {spec!r} must look like ARCH:CHECKPOINT with ARCH one of "
-                          f"{', '.join(ARCH_NAMES)}, e.g. resnet20:../shared/weights/resnet20-12fca82f.th")
+                          f"{', '.join(ARCH_NAMES)}, tv:NAME or timm:NAME, e.g. "
+                          "resnet20:../shared/weights/resnet20-12fca82f.th or tv:resnet18:resnet18-f37072fd.pth")
+    check_arch(arch)  # an unknown tv:/timm: name lists the close matches
     if not Path(path).is_file():
         raise ConfigError(f"--source {spec!r}: checkpoint file {path!r} not found")
     return {"name": f"src{index}", "arch": arch, "checkpoint": path}
@@ -79,7 +90,7 @@ def parse_data_root(spec: str, per_class: int) -> dict:
 
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True, backend: str = "ray",
              data_root: Optional[str] = None, source_specs: Sequence[str] = (), tracking_uri: Optional[str] = None,
-             per_class: int = 10) -> dict:
+             per_class: int = 10, seed: int = 0) -> dict:
     from l2t_dist.cli import train_job
     from l2t_dist.train.local import train_local
 
@@ -104,7 +115,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True
             where = "2 Ray Train workers, sources served by Ray actors" if backend == "ray" else "one process"
             print(f"[demo] training the target ({data['kind']}, {data['per_class']} images per class) with "
                   f"{method} on {where} ...", flush=True)
-            job = target_job(method, sources, out, tgt_epochs, data, tracking=tracking)
+            job = target_job(method, sources, out, tgt_epochs, data, tracking=tracking, seed=seed)
             results[method] = train_job(job, backend=backend, quiet=quiet).to_dict()
     finally:
         if started_ray:

@@ -25,7 +25,8 @@ FALLBACK_DESCRIPTIONS = {
     "data.kind": "reader of the on-disk format (docs/real_data.md); synthetic needs no files",
     "data.batch_size": "training batch size (the global batch with --backend ray)",
     "data.eval_batch_size": "batch size for val/test evaluation",
-    "method.name": "transfer method: scratch (no source), lwf, at, fm, l2t_w (what only), l2t_ww (what and where)",
+    "method.name": "transfer method: scratch (no source), finetune (no source; the target starts from "
+                   "target.checkpoint), lwf, at, fm, l2t_w (what only), l2t_ww (what and where)",
     "optim.lr": "SGD learning rate of θ; cosine-annealed over optim.epochs, stepped once per epoch",
     "optim.momentum": "SGD momentum of θ (also used in the look-ahead)",
     "optim.weight_decay": "SGD weight decay of θ (also used in the look-ahead)",
@@ -59,6 +60,65 @@ taps, pairs and the bilevel step are explained in docs/concepts.md.
 """
 
 FOOTER = """\
+## Ready jobs
+
+- `jobs/cifar10_limited.yaml`: CIFAR-10 (the JPEG copy), 25 images per class, the TinyImageNet
+  ResNet32 source and a VGG9-bn target (the study of docs/results.md).
+- `jobs/multi_source.yaml`: the same with a second source, the CIFAR-10 ResNet20.
+- `jobs/stl10_paper.yaml`: the paper's STL-10 setting at 32x32.
+- `jobs/cub200_paper.yaml`: the paper's 224x224 setting on CUB-200-2011 (`cub200`): an
+  ImageNet `tv:resnet34` source, a `tv:resnet18` target, the 16 pairs layer1-4 x layer1-4,
+  batch 64, 200 epochs, lr 0.1, beta 0.5, T 2, meta-lr 1e-4, the official split files.
+- `jobs/dogs_paper.yaml`: the same on Stanford Dogs (`stanford_dogs`).
+- `jobs/mit67_paper.yaml`: the same on MIT Indoor 67 (`mit67`), a 10% hold-out for validation.
+- `jobs/stanford40_paper.yaml`: the same on Stanford 40 Actions (`stanford40`), 10% hold-out,
+  meta-lr 1e-3 (the authors' advice in the official repository's issue #4).
+- `jobs/timm_to_torchvision.yaml`: across libraries and families, a `timm:efficientnet_b0`
+  source into a `tv:resnet18` target on CUB-200-2011.
+
+The 224 jobs name files that you provide: the dataset folder (`data.path`, layouts in
+docs/real_data.md) and the source weights, a **placeholder** path in the file
+(`weights/resnet34-b627a593.pth`: torchvision's ImageNet ResNet34, the file that
+`ResNet34_Weights.IMAGENET1K_V1` downloads; for the timm job, timm's `model.safetensors`).
+Set both on the command line. `data.official_splits` points at this checkout's copy of the
+official split files as an example: give your own copy's prefix, or `null` for a
+class-balanced hold-out of `data.val_fraction` (10%) of the training split:
+
+```bash
+l2t-dist job jobs/cub200_paper.yaml    # taps and pairs checked at 224 (16 pairs); no data or weights needed
+l2t-dist train jobs/cub200_paper.yaml data.path=/data/cub sources.0.checkpoint=/weights/resnet34-b627a593.pth
+l2t-dist train jobs/dogs_paper.yaml data.path=/data/dogs sources.0.checkpoint=/weights/resnet34-b627a593.pth \\
+  data.official_splits=null
+```
+
+## Fine-tuning: `method.name: finetune`
+
+The practitioner's first baseline: the target starts from a pretrained checkpoint of its own
+architecture, `target.checkpoint`, with a **new classifier head** for the task's classes,
+and trains on the job's schedule with the plain step (cross-entropy; no source, no
+look-ahead). The checkpoint is read like a source's (any format of `sources[].checkpoint`;
+`weights_only` unless `target.allow_unsafe_pickle: true`) and loaded strictly: every key
+but the classifier head must be there with its shape, or the run stops before training with
+the lists of missing, unexpected and wrongly shaped keys. The head is whatever the
+architecture's classifier is (`fc`, `linear`, `classifier`, timm's head): the checkpoint's
+head, of any number of classes, is dropped, and may also be absent.
+
+- A finetune job without `target.checkpoint` is refused when the job is read.
+- A finetune job that lists sources is refused too (`sources=[]` removes them): they would
+  be read, and with `--backend ray` served by actors, for nothing.
+- `target.checkpoint` is allowed with **every** method: L2T-ww, FM or scratch then start the
+  target from those weights instead of a random initialisation (scratch with
+  `target.checkpoint` trains exactly as finetune does).
+- `l2t-dist job` does not read the checkpoint (it checks taps and pairs on weightless
+  models); `l2t-dist train` reads it in every training process.
+
+```bash
+l2t-dist train jobs/cub200_paper.yaml method.name=finetune 'sources=[]' data.path=/data/cub \\
+  target.checkpoint=/weights/resnet18-f37072fd.pth
+l2t-dist train jobs/cifar10_limited.yaml method.name=finetune 'sources=[]' target.arch=l2t_resnet32 \\
+  target.checkpoint=../shared/weights/l2tww_tinyimagenet200_resnet32_model_best.pth.tar
+```
+
 ## Taps and pairs in a job
 
 Taps are given by index (`4`, or `"4"`) or by name (`block4`); `l2t-dist sources inspect

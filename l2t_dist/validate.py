@@ -56,7 +56,8 @@ def build_skeleton(job: JobConfig):
     from l2t_dist.train.build import build_trainee
 
     with tiny_torch_work():
-        return build_trainee(job, PLACEHOLDER_CLASSES, torch.device("cpu"), sources=skeleton_sources(job))
+        return build_trainee(job, PLACEHOLDER_CLASSES, torch.device("cpu"), sources=skeleton_sources(job),
+                             target_weights=False)
 
 
 def check_job(job: JobConfig):

@@ -1,5 +1,7 @@
 """The job schema: defaults, overrides, and clear errors for every kind of bad input."""
 
+from pathlib import Path
+
 import pytest
 
 from l2t_dist.config import apply_overrides, dump_job, flatten, load_job, parse_job
@@ -140,3 +142,29 @@ def test_cli_accepts_overrides_after_options():
     assert args.overrides == ["method.name=fm", "optim.epochs=3"]
     with pytest.raises(SystemExit):
         _parse(build_parser(), ["train", "jobs/cifar10_limited.yaml", "--quiet", "--bogus"])
+
+
+READY_JOBS = sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml"))
+# the pairs each ready job's taps give: the paper's 224 jobs and the timm -> torchvision one pair
+# four source stages with the target's layer1-4 (16); the 32x32 ones, three taps with VGG9's five
+PAIR_COUNTS = {"cifar10_limited": 15, "multi_source": 30, "stl10_paper": 15, "cub200_paper": 16, "dogs_paper": 16,
+               "mit67_paper": 16, "stanford40_paper": 16, "timm_to_torchvision": 16}
+
+
+@pytest.mark.parametrize("path", READY_JOBS, ids=[p.stem for p in READY_JOBS])
+def test_every_ready_job_validates(path, single_thread):
+    """What `l2t-dist job jobs/X.yaml` checks: the schema, then the taps and pairs on weightless
+    models at data.image_size (no data, no checkpoint needed)."""
+    from l2t_dist.validate import check_job
+
+    job = load_job(path)
+    trainee = check_job(job)
+    assert len(trainee.pairs) == PAIR_COUNTS[path.stem], [p.name for p in trainee.pairs]
+    if job.data.image_size == 224:  # the paper's 224 settings: batch 64, layer1-4 of a tv:resnet18 target
+        assert job.target.arch == "tv:resnet18" and job.data.batch_size == 64 and job.data.val_fraction == 0.1
+        assert {p.target_tap for p in trainee.pairs} == {"layer1", "layer2", "layer3", "layer4"}
+        assert (job.optim.lr, job.optim.epochs, job.method.beta, job.method.T) == (0.1, 200, 0.5, 2)
+        assert job.meta.lr == (1e-3 if job.data.kind == "stanford40" else 1e-4)
+        # the fine-tuning baseline of the same job, as its comments write it
+        ft = load_job(path, ["method.name=finetune", "sources=[]", "target.checkpoint=resnet18-f37072fd.pth"])
+        assert check_job(ft).pairs == [] and ft.target.checkpoint == "resnet18-f37072fd.pth"

@@ -140,7 +140,8 @@ def write_parquet(path, imgs, labels, names=None, raw=None):
 # --- readers ------------------------------------------------------------------------------
 
 def test_kinds():
-    assert DATA_KINDS == ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "parquet", "synthetic")
+    assert DATA_KINDS == ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "cub200", "stanford_dogs",
+                          "mit67", "stanford40", "parquet", "synthetic")
 
 
 def test_cifar10_reads_official_batches(tmp_path):

@@ -158,8 +158,10 @@ def test_unplaceable_plans_fail_with_both_sides_named():
 def test_cluster_section_defaults_and_errors():
     job = parse_job({"method": {"name": "scratch"}})
     assert job.cluster.workers == 2 and job.cluster.sources_mode == "served" and job.cluster.address is None
-    with pytest.raises(ConfigError, match="sync_bn=true is not supported"):
+    with pytest.raises(ConfigError, match="sync_bn=true needs cluster.meta_sync=global"):
         parse_job({"method": {"name": "scratch"}, "cluster": {"sync_bn": True}})
+    synced = parse_job({"method": {"name": "scratch"}, "cluster": {"sync_bn": True, "meta_sync": "global"}})
+    assert synced.cluster.sync_bn and synced.cluster.meta_sync == "global"
     with pytest.raises(ConfigError, match="cluster.feature_dtype"):
         parse_job({"method": {"name": "scratch"}, "cluster": {"feature_dtype": "int8"}})
 

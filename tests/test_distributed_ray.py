@@ -186,6 +186,48 @@ def test_two_ray_workers_equal_one_process_simulation(reference, ckpts):
     assert max((one["phi"][k] - sim["phi"][k]).abs().max().item() for k in sim["phi"]) > 1e-5
 
 
+def _train_json(tree: dict, backend: str) -> dict:
+    import contextlib
+    import io
+
+    import yaml
+
+    from l2t_dist.cli import main
+
+    job_file = Path(tree["run"]["out_dir"]) / f"{tree['run']['name']}.yaml"
+    job_file.parent.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(yaml.safe_dump(tree))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["train", str(job_file), "--backend", backend, "--quiet", "--json"])
+    assert code == 0, buf.getvalue()
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("target,sync_bn", [("resnet20", True), ("vgg9", False)])
+def test_global_meta_sync_two_ray_workers_equal_one_process(cluster, ckpts, tmp_path, target, sync_bn):
+    """Acceptance (issue 15): with cluster.meta_sync=global, 2 Ray workers on shards 8/8, 8/8,
+    6/5 end 3 iterations on the θ and φ of one process on the global batch, to 1e-6 in float64:
+    with synchronised batch norm on a BN network, and on a network without batch norm."""
+    tree = job_tree(tmp_path, ckpts, f"global-{target}", meta_sync="global", sync_bn=sync_bn,
+                    sources_mode="colocated")
+    tree["sources"] = tree["sources"][:1]
+    tree["target"] = {"arch": target}
+    tree["optim"]["epochs"] = 1
+    tree["run"]["dtype"] = "float64"
+    ray_run = _trainer_state(Path(_train_json(tree, "ray")["run_dir"]) / "last.pt")
+    tree["run"]["name"] += "-local"
+    one = _trainer_state(Path(_train_json(tree, "local")["run_dir"]) / "last.pt")
+    assert ray_run["global_step"] == one["global_step"] == 3
+    worst = 0.0
+    for key in ("student", "phi"):
+        for name, ref in one[key].items():
+            if ref.is_floating_point():
+                torch.testing.assert_close(ray_run[key][name], ref, rtol=1e-6, atol=1e-6, msg=f"{key}.{name}")
+                worst = max(worst, (ray_run[key][name] - ref).abs().max().item())
+    print(f"meta_sync=global, {target}, sync_bn={sync_bn}: max |2 Ray workers - 1 process| = {worst:.3g}")
+
+
 def _our_processes(title: str, since: float = 0.0) -> list:
     """This test process's Ray processes with `title`, started at `since` (time.time()) or later."""
     out = []

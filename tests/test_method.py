@@ -164,6 +164,7 @@ def per_pair_transfer(obj, x, feats, lam_w=None):
 # (needs_sources, single_source, source_logits, extra_head, default_pairs, regressors, meta_networks)
 DECLARATIONS = {
     "scratch": (False, False, False, False, None, False, ()),
+    "finetune": (False, False, False, False, None, False, ()),   # scratch from target.checkpoint
     "lwf": (True, True, True, True, None, False, ()),
     "at": (True, False, False, False, "one_to_one", False, ()),
     "fm": (True, False, False, False, "single", True, ()),
@@ -184,7 +185,7 @@ def lam_w_of(obj, feats):
 
 def reference_transfer(method, obj, x, feats):
     """Each method's L_transfer from the paper's formulas, pair by pair, without the objective."""
-    if method == "scratch":
+    if method in ("scratch", "finetune"):
         return torch.zeros(())
     if method == "lwf":
         _, taps = obj.student.target.forward_taps(x, taps=[], logits=False, embedding=True)
@@ -226,15 +227,18 @@ def test_method_declarations_and_transfer_loss(method):
     loss, parts, logits = obj.real_loss(obj.prepare(x, y, feats))
     ref = reference_transfer(method, obj, x, feats)
     assert torch.allclose(parts["transfer"], ref.to(parts["transfer"]), rtol=1e-12, atol=1e-15)
-    assert (parts["transfer"] != 0) == (method != "scratch")
+    assert (parts["transfer"] != 0) == (method not in ("scratch", "finetune"))
     assert torch.equal(parts["ce"], F.cross_entropy(logits, y))
     assert torch.equal(loss, parts["ce"] + 0.7 * parts["transfer"])
 
 
 def test_registry_lists_the_methods_and_rejects_unknown_names():
-    assert list(REGISTRY) == ["scratch", "lwf", "at", "fm", "l2t_w", "l2t_ww"]
+    assert list(REGISTRY) == ["scratch", "finetune", "lwf", "at", "fm", "l2t_w", "l2t_ww"]
     assert all(issubclass(c, Method) for c in REGISTRY.values())
-    with pytest.raises(ConfigError, match="unknown method 'kd'; allowed: scratch, lwf, at, fm, l2t_w, l2t_ww"):
+    # what the job schema reads: only finetune refuses sources and needs target.checkpoint
+    assert [n for n, c in REGISTRY.items() if not c.takes_sources or c.needs_target_checkpoint] == ["finetune"]
+    with pytest.raises(ConfigError, match="unknown method 'kd'; allowed: scratch, finetune, lwf, at, fm, l2t_w, "
+                                          "l2t_ww"):
         get_method("kd")
 
 
@@ -276,13 +280,13 @@ def test_the_registry_imports_without_torch():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("method", ["scratch", "fm", "at", "lwf"])
+@pytest.mark.parametrize("method", ["scratch", "finetune", "fm", "at", "lwf"])
 def test_methods_without_meta_params_take_only_the_real_step(method):
     obj, step = make(method)
     assert obj.phi_params() == [] and step.meta_opt is None
     m = step(*batch())
     assert set(m) == {"loss", "ce", "transfer", "acc"}
-    assert (m["transfer"] == 0) == (method == "scratch")
+    assert (m["transfer"] == 0) == (method in ("scratch", "finetune"))
     assert math.isclose(m["loss"], m["ce"] + 0.7 * m["transfer"], rel_tol=1e-5)
 
 

@@ -13,7 +13,8 @@ from l2t_dist.errors import ConfigError
 from l2t_dist.models import ARCH_NAMES, Tap, TappedModel, build_model
 
 CLASSIFIER = {**dict.fromkeys(["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"], "linear"),
-              **dict.fromkeys(["l2t_resnet20", "l2t_resnet32", "resnet18", "resnet34"], "fc"), "vgg9_bn": "classifier"}
+              **dict.fromkeys(["l2t_resnet20", "l2t_resnet32", "resnet18", "resnet34"], "fc"), "vgg9_bn": "classifier",
+              "vgg9": "classifier"}
 
 
 def cifar_resnet_taps(n):
@@ -34,6 +35,7 @@ EXPECTED_32 = {
     "resnet18": [("stem", 64, 8), ("layer1", 64, 8), ("layer2", 128, 4), ("layer3", 256, 2), ("layer4", 512, 1)],
 }
 EXPECTED_32["resnet34"] = EXPECTED_32["resnet18"]
+EXPECTED_32["vgg9"] = EXPECTED_32["vgg9_bn"]  # the same network without batch norm
 TV_224 = [("stem", 64, 56), ("layer1", 64, 56), ("layer2", 128, 28), ("layer3", 256, 14), ("layer4", 512, 7)]
 
 _cache: dict = {}

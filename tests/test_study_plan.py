@@ -39,15 +39,27 @@ def test_every_command_validates(shared):
     for run in PLAN:
         job = _job(study.command(run, "cuda" if shared else "cpu", shared))
         assert job.data.per_class == run["per_class"] and job.run.seed == run["seed"], run["name"]
-        assert [s.name for s in job.sources] == run["sources"].split("+"), run["name"]
+        assert [s.name for s in job.sources] == [n for n in run["sources"].split("+") if n], run["name"]
         epochs = study.SAME_STEPS[run["per_class"]] if run["study"] == "same_steps" else 20
         assert job.optim.epochs == epochs, run["name"]
-        paths = [job.data.path, *(s.checkpoint for s in job.sources)]
+        paths = [job.data.path, *(s.checkpoint for s in job.sources)] + [job.target.checkpoint] * bool(
+            job.target.checkpoint)
         if shared:  # nothing may still point at ../shared, which a GPU box does not have
             assert job.run.device == "cuda"
             assert all(str(p).startswith("gpu_carry/") for p in paths), (run["name"], paths)
         else:
             assert all(str(p).startswith("../shared/") for p in paths), (run["name"], paths)
+
+
+def test_finetune_runs_start_from_the_tinyimagenet_resnet32():
+    """The finetune rows: the source network itself, as the target, on the same budget as the others."""
+    runs = [r for r in PLAN if r["method"] == "finetune"]
+    assert {(r["per_class"], r["seed"]) for r in runs} >= {(25, 0), (25, 1), (50, 0), (50, 1)}
+    for run in runs:
+        job = _job(study.command(run))
+        assert job.method.name == "finetune" and job.sources == [] and job.target.arch == "l2t_resnet32"
+        assert job.target.checkpoint == "../shared/" + study.CHECKPOINTS["tin"]
+        assert (job.optim.epochs, job.optim.lr, job.data.batch_size) == (20, 0.01, 32)
 
 
 def test_source_checkpoints_are_the_sources_own():

@@ -42,6 +42,7 @@ MODES = ("keep", "replay")
 # the warning is torch's own business and would only confuse users of the trainer.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 Loss = Callable[[Sequence[Tensor]], Tensor]
+Sync = Callable[[list[Tensor]], None]
 
 
 def leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -58,6 +59,16 @@ def grads_of(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False)
 
 def _zeros_for_none(ts: Sequence[Optional[Tensor]], like: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(r) if t is None else t for t, r in zip(ts, like)]
+
+
+def _synced(ts: Sequence[Optional[Tensor]], like: Sequence[Tensor], sync: Optional[Sync]) -> list[Optional[Tensor]]:
+    """`ts` averaged over the ranks (detached copies: a kept graph stays this rank's), or `ts`
+    as they are without `sync`. Every entry becomes a tensor, so the buckets match on all ranks."""
+    if sync is None:
+        return list(ts)
+    out = [torch.zeros_like(r) if t is None else t.detach().clone() for t, r in zip(ts, like)]
+    sync(out)
+    return out
 
 
 def _vjp(outputs: Sequence[Optional[Tensor]], cotangents: Sequence[Tensor], inputs: Sequence[Tensor],
@@ -95,13 +106,21 @@ def lookahead_loss(params0: Sequence[Tensor], bufs0: Sequence[Tensor], inner: In
 
 def hypergradient(params0: Sequence[Tensor], bufs0: Sequence[Tensor], meta_params: Sequence[Tensor],
                   inner: InnerObjective, outer_loss: Loss, T: int, hp: SGDHyper,
-                  mode: str = "keep", timings: Optional[dict] = None) -> tuple[Tensor, list[Tensor]]:
+                  mode: str = "keep", timings: Optional[dict] = None,
+                  sync: Optional[Sync] = None) -> tuple[Tensor, list[Tensor]]:
     """Meta-loss f(θ_{T+1}) and its exact gradient wrt `meta_params`, through all T+1 steps.
 
     `params0` and `bufs0` are read, never written: the caller's θ and momentum stay as they
     are (rolling back is free). Parameters that a step's loss does not reach still move by
     weight decay and momentum, and the hyper-gradient accounts for that. `timings`, when
     given, is filled with seconds per phase (benchmarks; it synchronises CUDA).
+
+    `sync` (data parallel, `cluster.meta_sync: global`): averages a list of θ-shaped tensors
+    over the ranks, in place. With it every look-ahead gradient and every θ-product of the
+    reverse sweep (∇f, H_kᵀã) is averaged, so all ranks walk the global-batch look-ahead;
+    the φ-products stay local sums, and the caller averages the returned gradient once. If each
+    rank's losses are its shard's mean times n_r·world/N, the result is the one-process
+    hyper-gradient on the global batch. None: one process (or per-shard look-aheads).
     """
     check_lookahead(T, mode)
     clock = _Clock(timings, params0)
@@ -116,7 +135,7 @@ def hypergradient(params0: Sequence[Tensor], bufs0: Sequence[Tensor], meta_param
     theta = [p.detach() for p in params0]
     v = [b.detach().clone() for b in bufs0]
     leaf = leaves(theta)
-    theta = sgd_update(leaf, v, grads_of(inner.loss(leaf), leaf), hp)
+    theta = sgd_update(leaf, v, _synced(grads_of(inner.loss(leaf), leaf), leaf, sync), hp)
     clock("step1")
     records: list[tuple[list[Tensor], Optional[list]]] = []
     for k in range(2, T + 2):
@@ -124,12 +143,12 @@ def hypergradient(params0: Sequence[Tensor], bufs0: Sequence[Tensor], meta_param
         fn = inner.loss if k <= T else outer_loss
         g = grads_of(fn(leaf), leaf, create_graph=keep)
         records.append((leaf, g if keep else None))
-        theta = sgd_update(leaf, v, g, hp)
+        theta = sgd_update(leaf, v, _synced(g, leaf, sync), hp)  # the kept graph is this rank's own
         clock(f"step{k}")
     del v
     leaf = leaves(theta)
     meta_loss = outer_loss(leaf)
-    a_theta = _zeros_for_none(grads_of(meta_loss, leaf), theta)
+    a_theta = _zeros_for_none(_synced(grads_of(meta_loss, leaf), theta, sync), theta)
     meta_loss = meta_loss.detach()
     del leaf, theta
     clock("meta_loss")
@@ -147,7 +166,7 @@ def hypergradient(params0: Sequence[Tensor], bufs0: Sequence[Tensor], meta_param
         res = _vjp(g, adj, leaf + (side if matching else []), retain_graph=not factored)
         del g, leaf
         torch._foreach_add_(a_theta, adj, alpha=hp.weight_decay)
-        for a, h in zip(a_theta, res[:n]):
+        for a, h in zip(a_theta, _synced(res[:n], a_theta, sync)):
             if h is not None:
                 a.add_(h)
         a_v = torch._foreach_mul(adj, hp.momentum)

@@ -64,3 +64,24 @@ class FactoredObjective(InnerObjective):
 
     def weights(self):
         return self._weights
+
+
+class ScaledObjective(InnerObjective):
+    """c · inner, in the same form (factored stays factored: the weights are scaled once).
+
+    A data-parallel rank's share of the global-batch objective: its shard's mean times
+    c = n_r·world/N, so that the ranks' average is the global mean (cluster.meta_sync: global)."""
+
+    def __init__(self, inner: InnerObjective, scale: float):
+        self.inner, self.scale = inner, float(scale)
+        ws = inner.weights()
+        self._weights = None if ws is None else [w * self.scale for w in ws]
+
+    def loss(self, params):
+        return super().loss(params) if self._weights is not None else self.inner.loss(params) * self.scale
+
+    def terms(self, params):
+        return self.inner.terms(params)
+
+    def weights(self):
+        return self._weights

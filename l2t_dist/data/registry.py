@@ -17,6 +17,10 @@ _READERS = {
     "stl10": ("l2t_dist.data.stl10", "STL10"),
     "tinyimagenet": ("l2t_dist.data.tinyimagenet", "TinyImageNet"),
     "imagefolder": ("l2t_dist.data.imagefolder", "ImageFolder"),
+    "cub200": ("l2t_dist.data.cub200", "CUB200"),
+    "stanford_dogs": ("l2t_dist.data.stanford_dogs", "StanfordDogs"),
+    "mit67": ("l2t_dist.data.mit67", "MIT67"),
+    "stanford40": ("l2t_dist.data.stanford40", "Stanford40"),
     "parquet": ("l2t_dist.data.parquet", "ParquetImages"),
     "synthetic": ("l2t_dist.data.synthetic", "SyntheticImages"),
 }

@@ -15,9 +15,13 @@ train worker = process + runtime + data + state + features + max(step, eval) [+ 
 - process: RSS of an idle Ray Train worker that has imported torch and l2t_dist (674 MiB);
 - runtime: what torch's first training iterations add whatever the model (thread pools,
   oneDNN caches, allocator arenas): up to ~500 MiB beyond the saved tensors below;
-- data: the whole target task as uint8 tensors, which every worker holds
-  (train/data_pipeline.py): images x 3 x size²; known datasets by their image counts, a
-  folder dataset (parquet, imagefolder) as CIFAR-sized;
+- data, in-memory pipeline (train/data_pipeline.py): the whole target task as uint8 tensors,
+  which every worker holds: images x 3 x size²; known datasets by their image counts, a
+  folder dataset (parquet, imagefolder, ...) as CIFAR-sized; streaming pipeline
+  (train/streaming.py): no images are held, but each of data.decode_workers DataLoader
+  processes takes DECODE_WORKER (160 MiB unique memory measured, decoding 500x375 JPEGs to
+  224x224 shards of 32) plus the shards it has ready, and the worker holds the shards in
+  flight; which pipeline: data_pipeline.pipeline_kind, the trainer's own choice;
 - state: θ (target, regressors, heads) as parameters, gradients and momentum; φ as
   parameters, gradients and Adam's two moments; both counted on the job's own student;
 - step: the tensors that autograd saves in the real step's forward, F bytes per image,
@@ -60,6 +64,7 @@ LOOKAHEAD_PER_T = 2.0        # saved tensors per image of one look-ahead matchin
 EVAL_LIVE_TENSORS = 3        # input, output and one temporary alive at once in a no-grad forward
 PAIR_REPORT_IMAGES = 256     # train/loop.py: the λ report of meta methods runs on this many val images
 SAFETY = 1.1
+DECODE_WORKER = 256 * MIB    # one DataLoader decode process (160 MiB measured; larger originals decode larger)
 FOLDER_IMAGES = 60_000       # parquet / imagefolder: the size is unknown without reading the data
 DATASET_IMAGES = {"cifar10": 60_000, "cifar100": 60_000, "stl10": 13_000, "tinyimagenet": 110_000}
 DTYPE_BYTES = {"float32": 4, "float64": 8}
@@ -108,6 +113,19 @@ def dataset_images(job: JobConfig) -> int:
         spec = parse_spec(d.path)
         return 2 * spec.classes * spec.per_class  # a train and a test split of classes x per_class
     return DATASET_IMAGES.get(d.kind, FOLDER_IMAGES)
+
+
+def data_bytes(job: JobConfig, b: int) -> int:
+    """The task's images in a worker of shards of b: the whole task in memory, or what the
+    streaming pipeline's decode processes and batches in flight take."""
+    from l2t_dist.train.data_pipeline import PREFETCH_PER_WORKER, decoded_bytes, pipeline_kind
+
+    d = job.data
+    images = dataset_images(job)
+    if pipeline_kind(d, images) == "memory":
+        return decoded_bytes(images, d.image_size)
+    shard = decoded_bytes(b, d.image_size)
+    return d.decode_workers * (DECODE_WORKER + PREFETCH_PER_WORKER * shard) + (job.cluster.prefetch + 2) * shard
 
 
 def saved_bytes(fn) -> tuple[int, int]:
@@ -204,8 +222,7 @@ def estimate_memory(job: JobConfig, workers: Optional[int] = None, colocated: Op
                           + (2 * (T + 1) * p.theta * s if meta else 0))
     evaluation = EVAL_LIVE_TENSORS * p.largest * f * job.data.eval_batch_size
     report = PAIR_REPORT_IMAGES * p.forward * f if meta else 0
-    size = job.data.image_size
-    parts = {"process": PROCESS_WORKER, "runtime": RUNTIME, "data": dataset_images(job) * 3 * size * size,
+    parts = {"process": PROCESS_WORKER, "runtime": RUNTIME, "data": data_bytes(job, b),
              "state": (3 * p.theta + 4 * p.phi) * s, "features": (cc.prefetch + 2) * b * p.features * f,
              "step": max(step, evaluation, report)}
     if colocated:

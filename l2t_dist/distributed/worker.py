@@ -150,7 +150,8 @@ def _train(config: dict) -> RunSummary:
         from l2t_dist.tracking.sysmetrics import RankSystemMetrics
 
         callbacks.insert(0, RankSystemMetrics(config["tracking"]["uri"], config["tracking"]["run_id"], rank))
-    loop = TrainingLoop(job, run_dir, parallel=DataParallel(rank, world), sources=sources, feeder=feeder,
+    parallel = DataParallel(rank, world, meta_sync=job.cluster.meta_sync, sync_bn=job.cluster.sync_bn)
+    loop = TrainingLoop(job, run_dir, parallel=parallel, sources=sources, feeder=feeder,
                         callbacks=callbacks, quiet=config.get("quiet", False))
     summary = loop.run(state)
     summary.backend = "ray"

@@ -18,8 +18,8 @@ step.timings = {}   # optional: seconds per phase (real, step1.., meta_loss, rev
 θ and φ live in `objective.student` and `objective.meta` (save their state_dicts); the step
 holds the momentum buffers, Adam's state and the iteration counter. Pairs sharing a target tap
 run as one fused regressor convolution (`student.groups`); θ keeps one regressor per pair.
-Methods (`methods.py`, one class each): scratch, lwf, at, fm (real step only), l2t_w (what
-only, λ = 1), l2t_ww (what + where).
+Methods (`methods.py`, one class each): scratch, finetune (scratch from target.checkpoint), lwf, at,
+fm (real step only), l2t_w (what only, λ = 1), l2t_ww (what + where).
 
 Names are imported on first use, so that the job schema can read the method registry
 (`l2t_dist.method.methods`) without importing torch.

@@ -49,6 +49,9 @@ class Method:
 
     name: ClassVar[str]
     needs_sources: ClassVar[bool] = True        # the job must list at least one source
+    takes_sources: ClassVar[bool] = True        # False: a job that lists sources is refused (they would be
+                                                # loaded, and served by Ray actors, for nothing)
+    needs_target_checkpoint: ClassVar[bool] = False  # the target must start from target.checkpoint
     single_source: ClassVar[bool] = False       # ... and exactly one
     source_logits: ClassVar[bool] = False       # the source computes its logits too
     extra_head: ClassVar[bool] = False          # the student gets an extra linear head on its embedding (LwF)
@@ -83,6 +86,18 @@ class Scratch(Method):
 
     def transfer_loss(self, obj, batch, logits, maps, head):
         return logits.new_zeros(())
+
+
+@register
+class Finetune(Scratch):
+    """The practitioner's first baseline: the target starts from a pretrained checkpoint of its
+    own architecture (`target.checkpoint`, a new classifier head for the task's classes) and
+    trains like scratch: cross-entropy, the plain step, no source. Listed sources are refused
+    rather than ignored: they would be read (and served) for nothing."""
+
+    name = "finetune"
+    takes_sources = False
+    needs_target_checkpoint = True
 
 
 @register

@@ -8,6 +8,10 @@ L2T iteration on (x, y) with source features computed once by the caller:
 `reduce_fn(list_of_grads)` runs on the real-step θ-grads and on the φ hyper-grads before the
 optimizers use them: the distributed trainer all-reduces (averages) there, in place. Every
 grad is a tensor (None is turned into zeros first), so buckets line up across ranks.
+With `lookahead_sync` (cluster.meta_sync: global) the look-ahead itself is averaged over the
+ranks (see `hypergradient`), and every differentiated loss is multiplied by `loss_scale()`
+(n_r·world/N: this rank's share of the global batch), so that the ranks' average of anything
+differentiated is the global-batch quantity, even through synchronised batch norm.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from l2t_dist.bilevel import SGDHyper, check_lookahead, grads_of, hypergradient, sgd_step_, zero_bufs
+from l2t_dist.bilevel import ScaledObjective, SGDHyper, check_lookahead, grads_of, hypergradient, sgd_step_, zero_bufs
 from l2t_dist.errors import ConfigError, TrainingError
 from l2t_dist.method.functional import preserved_buffers
 from l2t_dist.method.objective import TransferObjective
@@ -29,6 +33,10 @@ ReduceFn = Callable[[list[Tensor]], None]
 
 def _identity(grads: list[Tensor]) -> None:
     return None
+
+
+def _one() -> float:
+    return 1.0
 
 
 def _norm_sum(grads: list[Tensor], like: Tensor) -> Tensor:
@@ -43,12 +51,17 @@ def _all_finite(norm_sum: float, grads: list[Tensor]) -> bool:
     return math.isfinite(norm_sum) or all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+def _scaled(loss_fn, scale: float):
+    return lambda params: loss_fn(params) * scale
+
+
 class L2TStep:
     """Owns θ's momentum buffers and φ's Adam; `step(x, y, source_feats)` returns float metrics."""
 
     def __init__(self, objective: TransferObjective, hp: SGDHyper, T: int = 2, meta_lr: float = 1e-4,
                  meta_weight_decay: float = 1e-4, meta_interval: int = 1, mode: str = "keep",
-                 reduce_fn: Optional[ReduceFn] = None):
+                 reduce_fn: Optional[ReduceFn] = None, lookahead_sync: Optional[ReduceFn] = None,
+                 loss_scale: Optional[Callable[[], float]] = None):
         if meta_interval < 1:
             raise ConfigError(f"meta_interval must be >= 1, got {meta_interval}")
         check_lookahead(T, mode)
@@ -58,6 +71,8 @@ class L2TStep:
         self.meta_interval = meta_interval
         self.mode = mode
         self.reduce_fn = reduce_fn or _identity
+        self.lookahead_sync = lookahead_sync
+        self.loss_scale = loss_scale or _one
         self.theta = objective.theta_params()
         self.bufs = zero_bufs(self.theta)
         self.phi = objective.phi_params()
@@ -92,11 +107,13 @@ class L2TStep:
 
     def _real_step(self, batch) -> dict[str, float]:
         loss, parts, logits = self.objective.real_loss(batch)
+        scale = self.loss_scale()
         # The previous grads are freed only now, where torch's zero_grad frees them: freed at the
         # end of a step, their memory went back to the OS and was page-faulted in again by the
         # next forward and backward (twice the page faults of a torch step, 5-10% of a CPU step).
         self._spent = []
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads_of(loss, self.theta), self.theta)]
+        scaled = loss if scale == 1.0 else loss * scale
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads_of(scaled, self.theta), self.theta)]
         # Reduce before checking: in data parallel a rank that raised before the collective
         # would leave the others waiting; a NaN on one rank reaches every rank's grads instead.
         self.reduce_fn(grads)
@@ -113,14 +130,17 @@ class L2TStep:
 
     def _meta_step(self, batch) -> float:
         obj = self.objective
+        inner, outer, scale = obj.inner(batch), obj.task_loss(batch), self.loss_scale()
+        if scale != 1.0:
+            inner, outer = ScaledObjective(inner, scale), _scaled(outer, scale)
         with preserved_buffers(obj.student):
-            meta_loss, grads = hypergradient([p.detach() for p in self.theta], self.bufs, self.phi,
-                                             obj.inner(batch), obj.task_loss(batch), self.T, self.hp, self.mode,
-                                             timings=self.timings)
+            meta_loss, grads = hypergradient([p.detach() for p in self.theta], self.bufs, self.phi, inner, outer,
+                                             self.T, self.hp, self.mode, timings=self.timings,
+                                             sync=self.lookahead_sync)
         t0 = time.perf_counter()
         self.reduce_fn(grads)
         with torch.no_grad():  # one device sync
-            value, norm = torch.stack([meta_loss.double(), _norm_sum(grads, meta_loss)]).tolist()
+            value, norm = torch.stack([meta_loss.double() / scale, _norm_sum(grads, meta_loss)]).tolist()
         if not (math.isfinite(value) and _all_finite(norm, grads)):
             raise TrainingError(f"non-finite meta-loss or hyper-gradient at iteration {self.iteration} "
                                 f"(meta-loss {value:.4g}); lower the learning rate, beta or T")

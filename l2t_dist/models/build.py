@@ -26,7 +26,7 @@ def build_model(arch: str, num_classes: int) -> TappedModel:
         from l2t_dist.models.resnet_cifar import CifarResNet as cls
     elif arch in L2T_RESNETS:
         from l2t_dist.models.l2t_resnet import L2TResNet as cls
-    elif arch == "vgg9_bn":
+    elif arch in ("vgg9_bn", "vgg9"):
         from l2t_dist.models.vgg import VGG as cls
     else:
         from l2t_dist.models.tv_resnet import TVResNet as cls

@@ -16,7 +16,7 @@ from l2t_dist.errors import ConfigError
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 L2T_RESNETS = ("l2t_resnet20", "l2t_resnet32")
 TV_RESNETS = ("resnet18", "resnet34")
-ARCH_NAMES = CIFAR_RESNETS + L2T_RESNETS + ("vgg9_bn",) + TV_RESNETS
+ARCH_NAMES = CIFAR_RESNETS + L2T_RESNETS + ("vgg9_bn", "vgg9") + TV_RESNETS
 PREFIXES = {"tv": "torchvision", "timm": "timm"}
 TIMM_REQUIREMENT = "timm>=1.0.20"
 ALLOWED = f"one of {', '.join(ARCH_NAMES)}, or tv:NAME (a torchvision classification model) or timm:NAME (a timm model)"

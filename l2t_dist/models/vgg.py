@@ -1,4 +1,6 @@
-"""VGG9-bn of the L2T-ww paper's CIFAR/STL targets: `64,M,128,M,256,256,M,512,512,M,512,512,M`.
+"""VGG9-bn of the L2T-ww paper's CIFAR/STL targets: `64,M,128,M,256,256,M,512,512,M,512,512,M`;
+`vgg9` is the same network without batch norm (a target whose samples do not interact: the
+data-parallel equivalence tests need one).
 
 Same keys as the official `VGG_small` (`features.<i>` conv with bias, BN, ReLU, max-pool;
 `classifier` one linear layer after global average pooling). The five taps are the
@@ -29,7 +31,8 @@ class VGG(TappedModel):
                 stage += 1
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
-                layers += [nn.Conv2d(in_ch, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+                norm = [nn.BatchNorm2d(v)] if arch == "vgg9_bn" else []
+                layers += [nn.Conv2d(in_ch, v, 3, padding=1), *norm, nn.ReLU()]
                 in_ch = v
             steps += [(f"features.{i}", None) for i in range(len(steps), len(layers))]
         self.features = nn.Sequential(*layers)

@@ -13,7 +13,7 @@ images travel as uint8: `model_input` (data.transforms) normalises them wherever
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import torch
 
@@ -86,13 +86,13 @@ class Shard:
         return len(self.y) / self.global_size
 
 
-def prefetched(batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]], feeder: Feeder,
-               shard_bounds: Callable[[int], tuple[int, int]]) -> Iterator[Shard]:
-    """Cut each global batch to this rank's shard and submit it `feeder.prefetch` batches ahead."""
+def prefetched(shards: Iterable[tuple[int, torch.Tensor, torch.Tensor, int]], feeder: Feeder) -> Iterator[Shard]:
+    """(index, this rank's uint8 images, labels, global batch size) -> Shards, each submitted
+    `feeder.prefetch` batches ahead. The shards come already cut (train/data_pipeline.py:
+    TaskPipeline.train_shards), so that a streaming rank decodes only its own images."""
     queue: list[Shard] = []
-    for b, xb, yb in batches:
-        lo, hi = shard_bounds(len(yb))
-        queue.append(Shard(b, xb[lo:hi], yb[lo:hi], len(yb), feeder.submit(xb[lo:hi])))
+    for b, x, y, global_size in shards:
+        queue.append(Shard(b, x, y, global_size, feeder.submit(x)))
         while len(queue) > feeder.prefetch:
             yield queue.pop(0)
     yield from queue

@@ -180,7 +180,7 @@ def guess_arch(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
     if "linear.weight" in sd and "layer1.0.conv1.weight" in sd:
         return "resnet%d" % (6 * count(r"layer1\.(\d+)\.") + 2)
     if "features.0.weight" in sd and "classifier.weight" in sd:
-        return "vgg9_bn"
+        return "vgg9_bn" if "features.1.running_mean" in sd else "vgg9"
     if "layer4.0.conv1.weight" in sd and "fc.weight" in sd:
         depth = tuple(count(rf"layer{i}\.(\d+)\.") for i in range(1, 5))
         if "layer1.0.conv3.weight" not in sd:
@@ -203,8 +203,10 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{len(items)} {title}: {', '.join(items[:_SHOW])}{more}"
 
 
-def load_state_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load every tensor or fail listing missing, unexpected and wrongly shaped keys."""
+def load_state_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                      arch_setting: str = "the source's arch") -> None:
+    """Load every tensor or fail listing missing, unexpected and wrongly shaped keys.
+    `arch_setting`: what the hint tells the user to change when the keys look like another arch."""
     expected = model.state_dict()
     sd = _strip_prefixes(state_dict)
     # Checkpoints from before PyTorch 0.4.1 (akamaster's) lack BN's step counters: not an error.
@@ -218,7 +220,7 @@ def load_state_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) 
                                                      ("wrongly shaped keys", shapes)) if items]
         guess = guess_arch(sd)
         if guess and guess != arch:
-            hint = f"the checkpoint looks like arch {guess!r}; set the source's arch to {guess!r}"
+            hint = f"the checkpoint looks like arch {guess!r}; set {arch_setting} to {guess!r}"
         elif shapes and not missing and not unexpected:
             hint = "only shapes differ: check num_classes (or the architecture's width)"
         else:

@@ -40,15 +40,22 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_trainee(job: JobConfig, num_classes: int, device: torch.device,
-                  sources: Optional[list[LoadedSource]] = None, reduce_fn=None) -> Trainee:
+                  sources: Optional[list[LoadedSource]] = None, parallel=None,
+                  target_weights: bool = True) -> Trainee:
     """Build target, pairs, student, objective and step; `sources` may be passed in pre-loaded.
-    `reduce_fn`: the parallel strategy's gradient reduction (see L2TStep)."""
+    `parallel`: the strategy (train/parallel.py) whose reductions the step uses (see L2TStep)
+    and which may synchronise the student's batch norm; None: one process. `target_weights`:
+    load target.checkpoint when the job names one (False: a weightless skeleton, validate.py)."""
     from l2t_dist.bilevel import SGDHyper
     from l2t_dist.method import L2TStep, TransferObjective, TransferStudent, get_method, resolve_pairs, tap_infos
     from l2t_dist.models import build_model
 
     sources = load_sources(job.sources, device) if sources is None else sources
     target = build_model(job.target.arch, num_classes)
+    if job.target.checkpoint and target_weights:
+        from l2t_dist.train.target_init import load_target_checkpoint
+
+        load_target_checkpoint(target, job.target.arch, job.target.checkpoint, job.target.allow_unsafe_pickle)
     size = job.data.image_size
     method = get_method(job.method.name)
     pairs: list = []
@@ -65,6 +72,8 @@ def build_trainee(job: JobConfig, num_classes: int, device: torch.device,
         pairs = resolve_pairs(spec, offered, target_infos)
     source_classes = sources[0].model.num_classes if method.extra_head else None
     student = TransferStudent(target, method, pairs, source_classes=source_classes).to(device)
+    if parallel is not None:
+        parallel.prepare_model(student)
     objective = TransferObjective(student, beta=job.method.beta, where=job.method.where)
     if objective.meta is not None:
         objective.meta.to(device)
@@ -73,7 +82,9 @@ def build_trainee(job: JobConfig, num_classes: int, device: torch.device,
                 if needed.get(s.name) or method.source_logits}
     hp = SGDHyper(lr=job.optim.lr, momentum=job.optim.momentum, weight_decay=job.optim.weight_decay)
     step = L2TStep(objective, hp, T=job.method.T, meta_lr=job.meta.lr, meta_weight_decay=job.meta.weight_decay,
-                   meta_interval=job.method.meta_interval, mode=job.method.hypergrad, reduce_fn=reduce_fn)
+                   meta_interval=job.method.meta_interval, mode=job.method.hypergrad,
+                   **(dict(reduce_fn=parallel.reduce_grads, lookahead_sync=parallel.lookahead_sync,
+                           loss_scale=parallel.loss_scale) if parallel is not None else {}))
     return Trainee(target, objective, step, sources, requests, pairs)
 
 

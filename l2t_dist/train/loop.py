@@ -2,20 +2,21 @@
 
 It is handed its parts rather than subclassed: a parallel strategy (train/parallel.py: the
 world of one, or data-parallel ranks), a feature feeder (sources/feeder.py: colocated or
-served, one protocol) and callbacks (experiment tracking, Ray Train reporting), each of which
-may define on_start(loop), on_epoch_end(loop, record), on_checkpoint(loop, epoch_end),
-on_end(loop, summary). It runs with neither Ray nor MLflow installed (the GPU boxes have
-neither). Rank 0 (the writer) fills the run directory: metrics.jsonl, last.pt, best.pt.
+served, one protocol), the data (train/data_pipeline.py: a TaskPipeline, in memory or
+streamed) and callbacks (experiment tracking, Ray Train reporting), each of which may define
+on_start(loop), on_epoch_end(loop, record), on_checkpoint(loop, epoch_end), on_end(loop,
+summary). It runs with neither Ray nor MLflow installed (the GPU boxes have neither). Rank 0
+(the writer) fills the run directory: metrics.jsonl, last.pt, best.pt.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -23,14 +24,7 @@ from l2t_dist.config import JobConfig
 from l2t_dist.errors import L2TError, TrainingError
 from l2t_dist.sources.feeder import ColocatedFeeder, Feeder, Shard, prefetched
 from l2t_dist.train.build import Trainee, build_trainee, pick_device
-from l2t_dist.train.data_pipeline import (
-    TaskData,
-    batches_per_epoch,
-    cosine_lr,
-    epoch_batches,
-    eval_batches,
-    prepare_data,
-)
+from l2t_dist.train.data_pipeline import TaskPipeline, batches_per_epoch, cosine_lr, eval_batches, open_data
 from l2t_dist.train.metrics import JsonlLog, Progress, ProgressLines
 from l2t_dist.train.parallel import MIN_SHARD, SingleProcess, check_batch_size
 from l2t_dist.train.run_dir import BEST, LAST, METRICS
@@ -42,16 +36,22 @@ PAIR_REPORT_IMAGES = 256  # the λ and entropy per pair are averaged over this m
 FeederFactory = Callable[[Trainee], Feeder]
 
 
-@torch.no_grad()
 def count_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                   device: torch.device) -> int:
     """Correct top-1 predictions (eval mode) on uint8 images."""
+    return count_correct_in(model, eval_batches(x, y, batch_size), device)
+
+
+@torch.no_grad()
+def count_correct_in(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     device: torch.device) -> int:
+    """Correct top-1 predictions (eval mode) over batches of uint8 images and labels."""
     from l2t_dist.data import model_input
 
     was_training = model.training
     model.eval()
     correct = 0
-    for xb, yb in eval_batches(x, y, batch_size):
+    for xb, yb in batches:
         correct += int((model(model_input(xb, device)).argmax(1).cpu() == yb).sum().item())
     model.train(was_training)
     return correct
@@ -83,11 +83,11 @@ class TrainingLoop:
     `sources`: pre-built LoadedSources, or a factory called where they would be loaded, so
     that the target's initialisation sees the same RNG state (served mode builds skeletons).
     `feeder`: a factory feeder(trainee) (it needs the taps that the pairs chose); default: the
-    sources run in this process."""
+    sources run in this process. `data`: the task's TaskPipeline; default: open_data(job.data)."""
 
     def __init__(self, job: JobConfig, run_dir: Path, *, parallel=None,
                  sources: Union[None, list, Callable[[], list]] = None, feeder: Optional[FeederFactory] = None,
-                 callbacks: Sequence = (), quiet: bool = False):
+                 data: Optional[TaskPipeline] = None, callbacks: Sequence = (), quiet: bool = False):
         self.job, self.run_dir = job, Path(run_dir)
         self.parallel = parallel or SingleProcess()
         self.quiet = quiet or not self.parallel.is_writer
@@ -95,7 +95,7 @@ class TrainingLoop:
         failure = None
         try:  # data, sources (colocated: loaded here, maybe missing on this node only), model
             check_batch_size(job.data.batch_size, self.parallel.world)
-            self._build(sources, feeder)
+            self._build(sources, feeder, data)
         except L2TError as err:
             if err.retryable:
                 raise
@@ -111,17 +111,17 @@ class TrainingLoop:
         self._epoch_train: dict = {}
         self._sync_replicas()
 
-    def _build(self, sources, feeder: Optional[FeederFactory]) -> None:
+    def _build(self, sources, feeder: Optional[FeederFactory], data: Optional[TaskPipeline]) -> None:
         job = self.job
         if job.run.threads:
             torch.set_num_threads(job.run.threads)
         torch.set_default_dtype(getattr(torch, job.run.dtype))
         self.device = pick_device(job.run.device)
         torch.manual_seed(job.run.seed)
-        self.data: TaskData = prepare_data(job.data)
+        self.data: TaskPipeline = open_data(job.data) if data is None else data
         self.trainee = build_trainee(job, self.data.num_classes, self.device,
                                      sources=sources() if callable(sources) else sources,
-                                     reduce_fn=self.parallel.reduce_grads)
+                                     parallel=self.parallel)
         t = self.trainee
         self.feeder = feeder(t) if feeder is not None else ColocatedFeeder(t.sources, t.requests, self.device)
 
@@ -200,7 +200,7 @@ class TrainingLoop:
 
     def batches_per_epoch(self) -> int:
         job = self.job
-        total, bs = len(self.data.train_y), job.data.batch_size
+        total, bs = self.data.sizes()["train"], job.data.batch_size
         n = batches_per_epoch(total, bs)
         if job.run.max_iters_per_epoch:
             n = min(n, job.run.max_iters_per_epoch)
@@ -225,10 +225,8 @@ class TrainingLoop:
 
     def _shards(self, n_batches: int):
         """This rank's shards of the epoch's global batches, from batch self.batch on."""
-        job = self.job
-        batches = epoch_batches(self.data.train_x, self.data.train_y, batch_size=job.data.batch_size,
-                                seed=job.run.seed, epoch=self.epoch, augment=job.data.augment, start=self.batch)
-        return prefetched(itertools.takewhile(lambda b: b[0] < n_batches, batches), self.feeder, self.parallel.shard)
+        shards = self.data.train_shards(self.job.run.seed, self.epoch, self.batch, n_batches, self.parallel.shard)
+        return prefetched(shards, self.feeder)
 
     def _train_epoch(self, n_batches: int) -> None:
         job, t = self.job, self.trainee
@@ -241,28 +239,31 @@ class TrainingLoop:
         sums = self.sums
         started = time.perf_counter()
         images = 0
-        for shard in self._shards(n_batches):
-            try:
-                m = self._step(shard)
-            except TrainingError as err:
-                if err.retryable:
-                    raise
-                kept = (f"the last good checkpoint is kept at {self.run_dir / LAST}" if (self.run_dir / LAST).exists()
-                        else "no checkpoint had been written yet")
-                raise TrainingError(f"{err}\nstopped in epoch {self.epoch + 1}, batch {shard.index + 1}; {kept}") \
-                    from None
-            n = shard.global_size
-            self.batch, self.global_step = shard.index + 1, self.global_step + 1
-            images += n
-            for k in ("loss", "ce", "acc"):
-                sums[k] += m[k] * n
-            sums["n"] += n
-            bar.update(n, loss=m["loss"], acc=100 * m["acc"])
-            lines.update(shard.index, n, m)
-            if job.run.checkpoint_every and self.global_step % job.run.checkpoint_every == 0:
-                self.save()
+        with contextlib.closing(self._shards(n_batches)) as shards:  # no decode worker outlives the epoch
+            for shard in shards:
+                try:
+                    m = self._step(shard)
+                except TrainingError as err:
+                    if err.retryable:
+                        raise
+                    raise self._stopped(err, shard) from None
+                n = shard.global_size
+                self.batch, self.global_step = shard.index + 1, self.global_step + 1
+                images += n
+                for k in ("loss", "ce", "acc"):
+                    sums[k] += m[k] * n
+                sums["n"] += n
+                bar.update(n, loss=m["loss"], acc=100 * m["acc"])
+                lines.update(shard.index, n, m)
+                if job.run.checkpoint_every and self.global_step % job.run.checkpoint_every == 0:
+                    self.save()
         self._epoch_train = {k: sums[k] / max(1, sums["n"]) for k in ("loss", "ce", "acc")}
         self._epoch_train["images_per_s"] = images / max(1e-9, time.perf_counter() - started)
+
+    def _stopped(self, err: TrainingError, shard: Shard) -> TrainingError:
+        kept = (f"the last good checkpoint is kept at {self.run_dir / LAST}" if (self.run_dir / LAST).exists()
+                else "no checkpoint had been written yet")
+        return TrainingError(f"{err}\nstopped in epoch {self.epoch + 1}, batch {shard.index + 1}; {kept}")
 
     def _step(self, shard: Shard) -> dict:
         """One iteration on this rank's shard; the metrics are the global batch's means."""
@@ -285,26 +286,31 @@ class TrainingLoop:
         return m
 
     # ---- evaluation
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Top-1 accuracy (%) of a whole split: each rank counts its contiguous shard and the
-        counts are summed, so the value is the one-process value (same formula, same model)."""
-        if len(y) == 0:
+    def accuracy(self, split: str) -> float:
+        """Top-1 accuracy (%) of a whole split ("val" or "test"): each rank counts its contiguous
+        shard and the counts are summed, so the value is the one-process value (same formula,
+        same model); a streaming rank decodes only its shard."""
+        n = self.data.sizes()[split]
+        if n == 0:
             return float("nan")
-        lo, hi = self.parallel.shard(len(y))
-        mine = count_correct(self.trainee.target, x[lo:hi], y[lo:hi], self.job.data.eval_batch_size, self.device)
-        return 100.0 * self.parallel.sum_count(mine, self.device) / len(y)
+        lo, hi = self.parallel.shard(n)
+        batches = self.data.split_batches(split, lo, hi, self.job.data.eval_batch_size)
+        mine = count_correct_in(self.trainee.target, batches, self.device)
+        return 100.0 * self.parallel.sum_count(mine, self.device) / n
 
     def _pair_report(self) -> dict:
-        if not self.writer:  # only rank 0 logs it
+        n = min(PAIR_REPORT_IMAGES, self.data.sizes()["val"])
+        if not self.writer or self.trainee.objective.meta is None or n == 0:  # only rank 0 logs it
             return {}
-        return pair_report(self.trainee, self.feeder, self.data.val_x, self.data.val_y, self.device)
+        x, y = next(self.data.split_batches("val", 0, n, n))
+        return pair_report(self.trainee, self.feeder, x, y, self.device)
 
     def _end_epoch(self) -> None:
-        job, d = self.job, self.data
+        job = self.job
         self.parallel.average_buffers(self._bn_stats())  # evaluation and best.pt see the same statistics
         due = (self.epoch + 1) % job.run.eval_every == 0 or self.epoch + 1 == job.optim.epochs
-        val = self.accuracy(d.val_x, d.val_y) if due else None
-        test = self.accuracy(d.test_x, d.test_y) if due else None
+        val = self.accuracy("val") if due else None
+        test = self.accuracy("test") if due else None
         record = {"epoch": self.epoch + 1, "step": self.global_step,
                   "lr": cosine_lr(job.optim.lr, self.epoch, job.optim.epochs),
                   "train_loss": self._epoch_train["loss"], "train_acc": 100 * self._epoch_train["acc"],
@@ -339,4 +345,5 @@ class TrainingLoop:
             best_val_acc=self.best["val_acc"], test_acc_at_best_val=self.best["test_acc"],
             best_epoch=self.best["epoch"], final_val_acc=last.get("val_acc"), final_test_acc=last.get("test_acc"),
             images_per_s=last.get("images_per_s"), pairs=self._pair_report(), backend=self.parallel.name,
-            workers=self.parallel.world, replica_max_diff=self.replica_diff, wait_fraction=self.wait_fraction())
+            workers=self.parallel.world, replica_max_diff=self.replica_diff, wait_fraction=self.wait_fraction(),
+            allreduce_bytes_per_iter=self.parallel.reduced_bytes / max(1, self.timing["steps"]))

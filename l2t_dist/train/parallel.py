@@ -8,8 +8,16 @@ and agreeing on a failure. `SingleProcess` is the world of one (every call is th
 Data-parallel semantics (docs/distributed.md): every rank builds the same global batch and
 takes a contiguous shard of it; the real-step θ-grads and the φ hyper-grads are averaged
 weighted by shard size (the gradient of the global-batch mean), so replicas stay identical;
-batch norm keeps per-rank statistics, averaged before evaluation and checkpoints; val/test
-are counted in shards and the counts summed; rank 0 writes.
+val/test are counted in shards and the counts summed; rank 0 writes. The look-ahead:
+- `meta_sync="per_shard"`: each rank looks ahead on its own shard and the hyper-gradients
+  are averaged (one φ all-reduce per iteration; not the one-process algorithm);
+- `meta_sync="global"`: every look-ahead gradient and every θ-product of the reverse sweep
+  is averaged too, so each rank walks the global-batch look-ahead and the hyper-gradient is
+  the one-process one (2T+2 more θ-sized all-reduces per iteration). Losses are scaled by
+  n_r·world/N instead of weighting the reduction, which stays exact through `sync_bn`.
+Batch norm keeps per-rank statistics (averaged before evaluation and checkpoints), or, with
+`sync_bn`, normalises with the global batch's moments (distributed/sync_bn.py): then N ranks
+compute what one process computes on the global batch.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from torch import Tensor
 from l2t_dist.errors import AgreedFailure, ConfigError, L2TError
 
 MIN_SHARD = 2  # batch norm needs more than one value per channel, and 1x1 taps exist
+META_SYNCS = ("per_shard", "global")
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -43,8 +52,17 @@ class SingleProcess:
 
     rank, world, is_writer, name = 0, 1, True, "local"
 
+    lookahead_sync = None  # the look-ahead needs no averaging in a world of one
+
     def __init__(self):
         self.reduces = 0  # gradient reductions asked for (θ-grads and φ-grads, per iteration)
+        self.reduced_bytes = 0
+
+    def prepare_model(self, module: torch.nn.Module) -> None:
+        """Called once on the student before training (DataParallel may synchronise its BN)."""
+
+    def loss_scale(self) -> float:
+        return 1.0
 
     def shard(self, n: int) -> tuple[int, int]:
         return 0, n
@@ -83,11 +101,30 @@ class DataParallel:
 
     name = "data_parallel"
 
-    def __init__(self, rank: int, world: int, group=None):
+    def __init__(self, rank: int, world: int, group=None, meta_sync: str = "per_shard", sync_bn: bool = False):
+        if meta_sync not in META_SYNCS:
+            raise ConfigError(f"unknown cluster.meta_sync {meta_sync!r}; allowed: {', '.join(META_SYNCS)}")
+        if sync_bn and meta_sync != "global":
+            raise ConfigError("cluster.sync_bn needs cluster.meta_sync: global (a look-ahead per shard has no "
+                              "global batch to take the moments of)")
         self.rank, self.world, self.group = rank, world, group
+        self.meta_sync, self.sync_bn = meta_sync, sync_bn
         self.is_writer = rank == 0
         self.reduces = 0
+        self.reduced_bytes = 0  # gradient bytes this rank all-reduced (benchmarks, docs/distributed.md)
         self._share = 1.0 / world
+        self.lookahead_sync = self._average if meta_sync == "global" else None
+
+    def prepare_model(self, module: torch.nn.Module) -> None:
+        if self.sync_bn:
+            from l2t_dist.distributed.sync_bn import sync_batch_norm_
+
+            sync_batch_norm_(module, self.group)
+
+    def loss_scale(self) -> float:
+        """n_r·world/N in global mode (the ranks' average of scaled shard means is the global
+        mean); 1.0 per shard, where the reduction is weighted instead."""
+        return self._share * self.world if self.meta_sync == "global" else 1.0
 
     def shard(self, n: int) -> tuple[int, int]:
         return shard_bounds(n, self.rank, self.world)
@@ -96,11 +133,19 @@ class DataParallel:
         self._share = share
 
     def reduce_grads(self, grads: list[Tensor]) -> None:
-        """Σ_r (n_r / N) g_r in place: every rank gets the same bits."""
+        """Σ_r (n_r / N) g_r in place: every rank gets the same bits. In global mode the losses
+        already carry the weights (loss_scale), so this is the plain average."""
+        self.reduces += 1
+        if self.meta_sync == "global":
+            self._average(grads)
+        else:
+            self._average(grads, scale=self._share * self.world)
+
+    def _average(self, tensors: list[Tensor], scale: float = 1.0) -> None:
         from l2t_dist.distributed.allreduce import flat_all_reduce_
 
-        self.reduces += 1
-        flat_all_reduce_(grads, scale=self._share * self.world, group=self.group)
+        self.reduced_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        flat_all_reduce_(tensors, scale=scale, group=self.group)
 
     def reduce_metrics(self, metrics: dict[str, float], share: float, device: torch.device) -> dict[str, float]:
         import torch.distributed as dist

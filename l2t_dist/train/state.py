@@ -139,6 +139,7 @@ class RunSummary:
     workers: int = 1
     replica_max_diff: float = 0.0
     wait_fraction: float = 0.0
+    allreduce_bytes_per_iter: float = 0.0   # gradient bytes one rank all-reduced per iteration (0: one process)
     # --backend ray only
     restored_at_step: Optional[int] = None
     restored_by: Optional[str] = None       # "ray-failover" or "resume"

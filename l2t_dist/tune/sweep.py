@@ -119,6 +119,7 @@ def _absolute(tree: dict) -> dict:
     d["official_splits"] = fix(d.get("official_splits"))
     for s in tree["sources"]:
         s["checkpoint"] = fix(s["checkpoint"])
+    tree["target"]["checkpoint"] = fix(tree["target"].get("checkpoint"))
     tree["cluster"]["storage_path"] = fix(tree["cluster"].get("storage_path"))
     return tree
 

@@ -1,0 +1,128 @@
+"""Batch norm whose batch moments are summed over the data-parallel ranks, differentiably.
+
+Why not `torch.nn.SyncBatchNorm`: its backward is a fused kernel without a double backward
+or a forward-mode formula, and the exact hyper-gradient differentiates the look-ahead's
+gradients once more (double backward, and a JVP at its first step). Here the moments are
+plain tensor algebra around one differentiable all-reduce (`sum_across_ranks`), whose
+backward and JVP are all-reduces too, so autograd composes them to any order.
+
+With it (and `cluster.meta_sync: global`), N ranks holding shards of a global batch compute
+exactly what one process computes on the whole batch: the same normalisation in the real step
+and in the look-ahead, and the same running statistics. Every rank must run the same forward
+and backward calls in the same order (they do: the program is the same and the shapes match).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from l2t_dist.errors import ConfigError
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """y = Σ_ranks x. Backward: the cotangents are summed the same way (each rank's output is the
+    same function of every rank's input); JVP: the tangents are summed."""
+
+    @staticmethod
+    def forward(x: Tensor, group) -> Tensor:
+        y = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _SumAcrossRanks.apply(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _group):
+        return _SumAcrossRanks.apply(tangent, ctx.group)
+
+
+def sum_across_ranks(x: Tensor, group=None) -> Tensor:
+    """Σ over the ranks of `group`, as a differentiable op (to any order, reverse and forward mode)."""
+    return _SumAcrossRanks.apply(x, group)
+
+
+class MomentSyncBatchNorm(_BatchNorm):
+    """A torch BatchNorm{1,2,3}d whose training-mode moments are those of the global batch.
+
+    Installed by `sync_batch_norm_` by changing the class of existing modules, so parameters,
+    buffers and state_dict keys stay what they were (θ is collected before this happens).
+    Eval mode is torch's own forward (running statistics)."""
+
+    group: Optional[object] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training or self.running_mean is None):
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        dims = [d for d in range(x.dim()) if d != 1]
+        count_local = x.numel() // x.shape[1]
+        local = torch.cat([x.sum(dims), x.new_full((1,), float(count_local))])
+        total = sum_across_ranks(local, self.group)
+        count = total[-1].detach()
+        mean = total[:-1] / count
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = x - mean.view(shape)
+        var = sum_across_ranks((centred * centred).sum(dims), self.group) / count  # two-pass: no cancellation
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            self._update_running_stats(mean.detach(), var.detach(), float(count))
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: float) -> None:
+        """As _BatchNorm.forward does: momentum, or a cumulative average when momentum is None;
+        the running variance is the unbiased one."""
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * (count / max(count - 1.0, 1.0))
+        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+
+
+class MomentSyncBatchNorm1d(MomentSyncBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class MomentSyncBatchNorm2d(MomentSyncBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class MomentSyncBatchNorm3d(MomentSyncBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+_SYNCED = {nn.BatchNorm1d: MomentSyncBatchNorm1d, nn.BatchNorm2d: MomentSyncBatchNorm2d,
+           nn.BatchNorm3d: MomentSyncBatchNorm3d}
+_TORCH_BN = tuple(_SYNCED)
+
+
+def sync_batch_norm_(module: nn.Module, group=None) -> int:
+    """Turn every torch BatchNorm layer of `module` into a MomentSyncBatchNorm in place; returns
+    how many. A batch-norm layer with a forward of its own (timm's BatchNormAct2d, ...) is refused:
+    its extra computation would be lost."""
+    converted = 0
+    for name, m in module.named_modules():
+        if isinstance(m, MomentSyncBatchNorm):
+            continue
+        if type(m) in _TORCH_BN:
+            m.__class__ = _SYNCED[type(m)]
+            m.group = group
+            converted += 1
+        elif isinstance(m, _BatchNorm) and type(m).forward not in {c.forward for c in _TORCH_BN + (_BatchNorm,)}:
+            raise ConfigError(f"cluster.sync_bn: layer {name!r} is a {type(m).__module__}.{type(m).__name__}, a "
+                              "batch norm with a forward of its own, which cannot be synchronised; use "
+                              "cluster.sync_bn: false (per-worker statistics) for this network")
+    return converted
