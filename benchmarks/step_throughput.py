@@ -1,7 +1,15 @@
 """Images/s and peak memory of one training step per method, in the paper's STL-10 configuration.
 
-TinyImageNet ResNet32 source (taps 4, 9, 14) and VGG9-bn target (taps 0-4) at 32x32: the 15
-pairs of L2T-ww all-to-all. Random data and random weights: speed does not depend on them.
+By default: TinyImageNet ResNet32 source (taps 4, 9, 14) and VGG9-bn target (taps 0-4) at
+32x32, the 15 pairs of L2T-ww all-to-all; --source-arch/--source-taps/--target-arch/
+--target-taps/--image-size/--classes/--pairs give another configuration, e.g. the 224x224 one
+(torchvision ResNet34 -> ResNet18, 16 pairs layer1-4 x layer1-4):
+
+    python benchmarks/step_throughput.py --source-arch tv:resnet34 --source-taps layer1,layer2,layer3,layer4 \
+      --source-classes 1000 --target-arch tv:resnet18 --target-taps layer1,layer2,layer3,layer4 \
+      --image-size 224 --classes 200 --batch 32 --methods scratch,l2t_ww --iters 2 --json OUT
+
+Random data and random weights: speed does not depend on them.
 
 Rows: `torch_plain`, the bare PyTorch step on the target (forward, cross-entropy, backward,
 `torch.optim.SGD(lr, momentum, weight_decay).step()`); `scratch`, the project's step of the
@@ -34,16 +42,23 @@ import tempfile
 import time
 
 
-def job_for(method: str, batch: int, T: int, mode: str):
+def taps_of(text: str) -> list:
+    """'4,9,14' -> [4, 9, 14]; 'layer1,layer2' -> names."""
+    return [int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip()]
+
+
+def job_for(method: str, args, mode: str):
     from l2t_dist.config import parse_job
     from l2t_dist.method.methods import get_method
 
     return parse_job({
-        "data": {"kind": "synthetic", "batch_size": batch},
-        "sources": [{"name": "tin", "arch": "l2t_resnet32", "checkpoint": "(random)", "taps": [4, 9, 14],
-                     "num_classes": 200}] if get_method(method).needs_sources else [],
-        "target": {"arch": "vgg9_bn", "taps": [0, 1, 2, 3, 4]},
-        "method": {"name": method, "beta": 0.5, "T": T, "hypergrad": mode},
+        "data": {"kind": "synthetic", "batch_size": args.batch, "image_size": args.image_size},
+        "sources": [{"name": "src", "arch": args.source_arch, "checkpoint": "(random)",
+                     "taps": taps_of(args.source_taps), "num_classes": args.source_classes}]
+        if get_method(method).needs_sources else [],
+        "target": {"arch": args.target_arch, "taps": taps_of(args.target_taps)},
+        "method": {"name": method, "beta": 0.5, "T": args.T, "hypergrad": mode,
+                   **({"pairs": args.pairs} if args.pairs and get_method(method).uses_pairs else {})},
         # The same random batch again and again with the paper's lr 0.1 diverges to NaN by the
         # fourth iteration (random source features are large); the cost of a step does not depend
         # on the learning rate, so a small one keeps the timed iterations finite.
@@ -51,8 +66,8 @@ def job_for(method: str, batch: int, T: int, mode: str):
     })
 
 
-def build_row(row: str, batch: int, T: int, threads: int):
-    """(step function, the module whose weights it trains, its L2TStep or None) for one row."""
+def build_row(row: str, args):
+    """(step function, the module whose weights it trains, its L2TStep or None, its pairs) for one row."""
     import torch
     import torch.nn.functional as F
 
@@ -62,14 +77,15 @@ def build_row(row: str, batch: int, T: int, threads: int):
     from l2t_dist.sources.feeder import source_features
     from l2t_dist.train.build import build_trainee
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     method, _, mode = row.partition(":")
-    job = job_for("scratch" if method == "torch_plain" else method, batch, T, mode or "keep")
+    job = job_for("scratch" if method == "torch_plain" else method, args, mode or "keep")
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    batch, side = args.batch, args.image_size
+    x, y = torch.randn(batch, 3, side, side, generator=g), torch.randint(0, args.classes, (batch,), generator=g)
     torch.manual_seed(0)   # the same initial target weights in every row
     if method == "torch_plain":
-        model = build_model(job.target.arch, 10)
+        model = build_model(job.target.arch, args.classes)
         o = job.optim
         opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
@@ -79,26 +95,27 @@ def build_row(row: str, batch: int, T: int, threads: int):
             loss.backward()
             opt.step()
 
-        return torch_plain, model, None
+        return torch_plain, model, None, 0
     sources = []
     if get_method(method).needs_sources:
-        src = build_model("l2t_resnet32", 200).eval().requires_grad_(False)
-        sources = [LoadedSource("tin", "l2t_resnet32", src, src.resolve_taps([4, 9, 14]))]
-    trainee = build_trainee(job, 10, torch.device("cpu"), sources=sources)
+        [cfg] = job.sources
+        src = build_model(cfg.arch, cfg.num_classes).eval().requires_grad_(False)
+        sources = [LoadedSource(cfg.name, cfg.arch, src, src.resolve_taps(cfg.taps))]
+    trainee = build_trainee(job, args.classes, torch.device("cpu"), sources=sources)
 
     def step():
         with torch.no_grad():
             feats = source_features(trainee.sources, trainee.requests, x)
         trainee.step(x, y, feats)
 
-    return step, trainee.target, trainee.step
+    return step, trainee.target, trainee.step, len(trainee.pairs)
 
 
-def serve(row: str, batch: int, T: int, threads: int) -> None:
+def serve(row: str, args) -> None:
     """Child: build the row, then time one iteration per "step" line read from stdin."""
     import hashlib
 
-    fn, module, l2t = build_row(row, batch, T, threads)
+    fn, module, l2t, pairs = build_row(row, args)
     for line in sys.stdin:
         if line.strip() != "step":
             break
@@ -112,7 +129,7 @@ def serve(row: str, batch: int, T: int, threads: int) -> None:
     for t in module.state_dict().values():
         digest.update(t.detach().contiguous().numpy().tobytes())
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "weights_sha256": digest.hexdigest()}), flush=True)
+                      "weights_sha256": digest.hexdigest(), "pairs": pairs}), flush=True)
 
 
 class Child:
@@ -120,8 +137,8 @@ class Child:
 
     def __init__(self, row: str, args):
         self.row, self.err = row, tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, __file__, "--child", row, "--batch", str(args.batch), "--T", str(args.T),
-               "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--child", row, *(f"--{k.replace('_', '-')}={getattr(args, k)}"
+                                                          for k in MODEL_OPTIONS)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
 
     def ask(self, line: str) -> dict:
@@ -135,10 +152,23 @@ class Child:
         return json.loads(reply)
 
 
+# the options a child process needs to build its row
+MODEL_OPTIONS = ("batch", "T", "threads", "source_arch", "source_taps", "source_classes", "target_arch", "target_taps",
+                 "image_size", "classes", "pairs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--T", type=int, default=2)
+    ap.add_argument("--source-arch", default="l2t_resnet32")
+    ap.add_argument("--source-taps", default="4,9,14", help="comma-separated tap indices or names")
+    ap.add_argument("--source-classes", type=int, default=200)
+    ap.add_argument("--target-arch", default="vgg9_bn")
+    ap.add_argument("--target-taps", default="0,1,2,3,4")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=10, help="classes of the target task")
+    ap.add_argument("--pairs", default="", help="pair preset (single, one_to_one, all_to_all); default: the method's")
     ap.add_argument("--methods", default="scratch,l2t_ww")
     ap.add_argument("--modes", default="keep", help="hyper-gradient modes for L2T methods: keep,replay")
     ap.add_argument("--iters", type=int, default=5)
@@ -148,7 +178,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        serve(args.child, args.batch, args.T, args.threads)
+        serve(args.child, args)
         return
     from l2t_dist.method.methods import get_method, method_names
 
@@ -192,8 +222,10 @@ def main() -> None:
     print(f"scratch / torch_plain: {ratio:.3f} (median of {args.iters} paired ratios); same weights: {same}; "
           f"1-minute load {load[0]:.2f} -> {load[1]:.2f}")
     report = {"config": {"batch": args.batch, "T": args.T, "threads": args.threads, "iters": args.iters,
-                         "warmup": args.warmup, "source": "l2t_resnet32 taps 4,9,14", "target": "vgg9_bn taps 0-4",
-                         "pairs": 15, "python": platform.python_version(), "machine": platform.machine(),
+                         "warmup": args.warmup, "source": f"{args.source_arch} taps {args.source_taps}",
+                         "target": f"{args.target_arch} taps {args.target_taps}", "image_size": args.image_size,
+                         "classes": args.classes, "pairs": max(f["pairs"] for f in final.values()),
+                         "python": platform.python_version(), "machine": platform.machine(),
                          "torch": _torch_version(), "cpus": os.cpu_count(), "command": "python " + " ".join(sys.argv)},
               "scratch_over_torch_plain": ratio, "same_weights_scratch_torch_plain": same, "methods": results}
     if args.json:

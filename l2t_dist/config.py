@@ -75,7 +75,16 @@ class DataConfig(_Section):
                                                             "stream pipeline; 0: in the training process")
 
 
-class SourceConfig(_Section):
+class _Network(_Section):
+    """A section naming a network by `arch` (checked: built-in, tv:NAME or timm:NAME)."""
+
+    @field_validator("arch", check_fields=False)
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+
+class SourceConfig(_Network):
     """One frozen, pretrained source network."""
 
     name: str = Field(..., min_length=1, description="a short name, used in pair names and metrics")
@@ -89,13 +98,8 @@ class SourceConfig(_Section):
         False, description="DANGEROUS: unpickle the checkpoint in full if it holds Python objects beyond tensors "
                            "(a pickle can run any code while it loads); only for a file you trust")
 
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v: str) -> str:
-        return _check_arch(v)
 
-
-class TargetConfig(_Section):
+class TargetConfig(_Network):
     """The network that is trained on the target task."""
 
     arch: str = Field("vgg9_bn", description=ARCH_DESCRIPTION)
@@ -108,11 +112,6 @@ class TargetConfig(_Section):
     allow_unsafe_pickle: bool = Field(
         False, description="DANGEROUS: unpickle target.checkpoint in full if it holds Python objects beyond tensors "
                            "(a pickle can run any code while it loads); only for a file you trust")
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v: str) -> str:
-        return _check_arch(v)
 
 
 class MethodConfig(_Section):

@@ -228,6 +228,44 @@ def test_global_meta_sync_two_ray_workers_equal_one_process(cluster, ckpts, tmp_
     print(f"meta_sync=global, {target}, sync_bn={sync_bn}: max |2 Ray workers - 1 process| = {worst:.3g}")
 
 
+def test_cub_paper_job_on_ray(cluster, tmp_path):
+    """Issue 14's acceptance with --backend ray: jobs/cub200_paper.yaml on a small CUB-200-2011
+    tree and a torchvision ResNet34 state_dict (tests/test_cub_job.py runs it locally), streamed
+    with the default 2 decode workers per train worker, the ResNet34 served from the head
+    raylet: one epoch trains, evaluates and checkpoints. (θ is not the local run's: the default
+    meta_sync per_shard takes each worker's hyper-gradient on its own shard.)"""
+    import contextlib
+    import io
+    import math
+
+    from image_trees import CUB_JOB, tiny_cub_run, write_cub_job_inputs
+
+    from l2t_dist.cli import main
+
+    root = write_cub_job_inputs(tmp_path)
+    placement = {"optim.epochs": 1, "cluster.workers": 2, "cluster.cpus_per_worker": 0.4,
+                 "cluster.worker_resources": "{train_node: 1}", "cluster.cpus_per_source_actor": 0.2,
+                 "cluster.source_resources": "{src_node: 1}", "cluster.max_failures": 0,
+                 "cluster.request_timeout_s": 120, "cluster.start_timeout_s": 60}
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["train", CUB_JOB, *tiny_cub_run(root, tmp_path / "runs", "cub-ray", **placement),
+                     "--backend", "ray", "--quiet", "--json"])
+    assert code == 0, buf.getvalue()
+    s = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert s["backend"] == "ray" and s["workers"] == 2 and s["epochs"] == 1 and len(s["pairs"]) == 16
+    assert all(math.isfinite(s[k]) for k in ("best_val_acc", "test_acc_at_best_val", "final_val_acc"))
+    assert s["replica_max_diff"] == 0.0
+    assert set(s["source_nodes"].values()) == {cluster.head_node.node_id}
+    # the 4 ResNet34 taps at 32x32 (layer1 64@8x8 ... layer4 512@1x1), fp32: 1/49 of the 224 case
+    assert s["feature_bytes_per_image"] == {"imagenet": 4 * (64 * 8 * 8 + 128 * 4 * 4 + 256 * 2 * 2 + 512)}
+    run_dir = Path(s["run_dir"])
+    state = _trainer_state(run_dir / "last.pt")
+    assert state["global_step"] == 2 and state["epoch"] == 1 and state["phi"]
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in _rows(run_dir)] == [1] and (run_dir / "best.pt").is_file()
+
+
 def _our_processes(title: str, since: float = 0.0) -> list:
     """This test process's Ray processes with `title`, started at `since` (time.time()) or later."""
     out = []

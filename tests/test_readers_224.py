@@ -11,17 +11,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from image_trees import COLOURS, CUB_CLASSES, write_cub, write_jpeg
 
 from l2t_dist.data import load_l2tww_split, open_dataset
 from l2t_dist.errors import DataError
-
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
-
-
-def write_jpeg(path, colour, side=12):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (side + len(path.name) % 5, side), colour).save(path, quality=95)
 
 
 def mean_colour(img):
@@ -48,29 +41,6 @@ def imagefolder_samples(split_dir):
 
 
 # --- CUB-200-2011 ---------------------------------------------------------------------------
-
-CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "010.Red_winged_Blackbird"]
-# Mixed case and digit runs: the order must be Python's string order, as ImageFolder sorts.
-CUB_FILES = ["Bird_0010_5.jpg", "Bird_0002_77.jpg", "bird_0001_1.jpg", "Bird_0001_9.jpg", "Bird_0100_3.jpg"]
-
-
-def write_cub(root):
-    """CUB_200_2011/ as in the .tgz; images.txt in shuffled id order. Returns {id: (rel, train, class)}."""
-    folder = root / "CUB_200_2011"
-    rels = [f"{c}/{c.split('.')[1]}_{f}" for c in CUB_CLASSES for f in CUB_FILES]
-    random.Random(3).shuffle(rels)
-    meta = {}
-    for i, rel in enumerate(rels, 1):
-        cls = rel.split("/")[0]
-        meta[i] = (rel, not rel.endswith(CUB_FILES[3]), cls)
-        write_jpeg(folder / "images" / rel, COLOURS[CUB_CLASSES.index(cls)])
-    (folder / "images.txt").write_text("".join(f"{i} {rel}\n" for i, (rel, _, _) in meta.items()))
-    (folder / "train_test_split.txt").write_text("".join(f"{i} {int(tr)}\n" for i, (_, tr, _) in meta.items()))
-    (folder / "classes.txt").write_text("".join(f"{k} {c}\n" for k, c in enumerate(CUB_CLASSES, 1)))
-    (folder / "image_class_labels.txt").write_text(
-        "".join(f"{i} {CUB_CLASSES.index(c) + 1}\n" for i, (_, _, c) in meta.items()))
-    return folder, meta
-
 
 def preprocess_cub(folder, out):
     """What the official L2T-ww cub200.py does: copy each image to <split>/<class>/, names unchanged."""
