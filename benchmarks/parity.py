@@ -108,6 +108,15 @@ def table() -> None:
         accs = [r["test_acc_at_best_val"] for r in sorted(rs, key=lambda r: r["seed"])]
         print(f"| {task} | {method} | {config} | {len(accs)} | {statistics.mean(accs):.2f} | "
               f"{max(accs) - min(accs):.2f} | {', '.join(f'{a:.1f}' for a in accs)} |")
+    print("\n| task | config | l2t_ww - scratch (means) | spread of l2t_ww / scratch | gain > both spreads |")
+    print("|---|---|---|---|---|")
+    for task, config in sorted({(t, c) for t, _, c in rows}):
+        got = {m: [r["test_acc_at_best_val"] for r in rows.get((task, m, config), [])] for m in ("l2t_ww", "scratch")}
+        if all(len(v) >= 2 for v in got.values()):
+            gain = statistics.mean(got["l2t_ww"]) - statistics.mean(got["scratch"])
+            spreads = [max(v) - min(v) for v in (got["l2t_ww"], got["scratch"])]
+            print(f"| {task} | {config} | {gain:+.2f} | {spreads[0]:.2f} / {spreads[1]:.2f} | "
+                  f"{'yes' if gain > max(spreads) else 'no'} |")
 
 
 def main() -> None:

@@ -186,6 +186,25 @@ def test_two_ray_workers_equal_one_process_simulation(reference, ckpts):
     assert max((one["phi"][k] - sim["phi"][k]).abs().max().item() for k in sim["phi"]) > 1e-5
 
 
+def test_a_local_ray_is_new_even_when_a_cluster_runs_on_this_machine(cluster):
+    """cluster.address null starts a local Ray; a bare ray.init() would join the cluster that
+    this module started (the latest on this machine) and then refuse num_cpus."""
+    import subprocess
+    import sys
+
+    code = ("import json, ray\n"
+            "from l2t_dist.config import ClusterConfig\n"
+            "from l2t_dist.distributed.launcher import connect\n"
+            "assert connect(ClusterConfig(num_cpus=1), quiet=True)\n"
+            "print(json.dumps(ray.cluster_resources()))\n"
+            "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resources = json.loads(done.stdout.strip().splitlines()[-1])
+    assert resources["CPU"] == 1.0 and "src_node" not in resources and "train_node" not in resources
+
+
 def _train_json(tree: dict, backend: str) -> dict:
     import contextlib
     import io
@@ -212,7 +231,7 @@ def test_global_meta_sync_two_ray_workers_equal_one_process(cluster, ckpts, tmp_
     tree = job_tree(tmp_path, ckpts, f"global-{target}", meta_sync="global", sync_bn=sync_bn,
                     sources_mode="colocated")
     tree["sources"] = tree["sources"][:1]
-    tree["target"] = {"arch": target}
+    tree["target"] = {"arch": target, "taps": [1, 2]}  # 4 pairs: the cost is the float64 look-ahead
     tree["optim"]["epochs"] = 1
     tree["run"]["dtype"] = "float64"
     ray_run = _trainer_state(Path(_train_json(tree, "ray")["run_dir"]) / "last.pt")

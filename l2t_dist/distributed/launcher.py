@@ -81,7 +81,9 @@ def connect(cluster, quiet: bool = False) -> bool:
             _probe(address)
             ray.init(address=address, log_to_driver=not quiet)
         else:
-            ray.init(num_cpus=cluster.num_cpus or os.cpu_count() or 1, log_to_driver=not quiet)
+            # "local": always a new instance. A bare ray.init() would join the latest `ray start`
+            # (or test) cluster of this machine and then refuse num_cpus.
+            ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count() or 1, log_to_driver=not quiet)
     except L2TError:
         raise
     except (ConnectionError, RuntimeError, ValueError) as exc:
