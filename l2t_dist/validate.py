@@ -67,4 +67,8 @@ def check_job(job: JobConfig):
     with tiny_torch_work():
         for model in (trainee.target, *(s.model for s in trainee.sources)):
             model.tap_shapes(job.data.image_size)  # every network must run at data.image_size, with pairs or not
+    if job.cluster.sync_bn:
+        from l2t_dist.distributed.sync_bn import check_sync_bn
+
+        check_sync_bn(trainee.objective.student)  # the student's BN layers are the ones synchronised
     return trainee

@@ -172,3 +172,24 @@ def test_per_shard_look_ahead_and_unsynchronised_bn_differ_from_one_process(tmp_
     _, one, _, _ = _one_process(True, True, "keep")
     per_shard = _two_ranks(tmp_path, True, True, "keep", sync_on=False)["grad"]
     assert (per_shard - one).abs().max() > 1e-4  # a different algorithm, not a rounding difference
+
+
+def test_sync_bn_converts_torch_batch_norm_and_refuses_one_with_its_own_forward():
+    from timm.layers import BatchNormAct2d
+
+    from l2t_dist.config import parse_job
+    from l2t_dist.distributed.sync_bn import MomentSyncBatchNorm, sync_batch_norm_
+    from l2t_dist.errors import ConfigError
+    from l2t_dist.validate import check_job
+
+    net = _net(True)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert sync_batch_norm_(net) == 2 and sync_batch_norm_(net) == 0  # converted once, in place
+    assert all(isinstance(net[i], MomentSyncBatchNorm) for i in (1, 4))
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # same keys and values
+    with pytest.raises(ConfigError, match=r"layer '1' is a timm.*BatchNormAct2d.*cluster.sync_bn: false"):
+        sync_batch_norm_(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4)))
+    # `l2t-dist job` (and the Ray driver) says so before any worker starts
+    with pytest.raises(ConfigError, match="BatchNormAct2d"):
+        check_job(parse_job({"method": {"name": "scratch"}, "target": {"arch": "timm:efficientnet_b0"},
+                             "cluster": {"meta_sync": "global", "sync_bn": True}}))

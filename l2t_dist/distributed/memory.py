@@ -66,7 +66,8 @@ PAIR_REPORT_IMAGES = 256     # train/loop.py: the λ report of meta methods runs
 SAFETY = 1.1
 DECODE_WORKER = 256 * MIB    # one DataLoader decode process (160 MiB measured; larger originals decode larger)
 FOLDER_IMAGES = 60_000       # parquet / imagefolder: the size is unknown without reading the data
-DATASET_IMAGES = {"cifar10": 60_000, "cifar100": 60_000, "stl10": 13_000, "tinyimagenet": 110_000}
+DATASET_IMAGES = {"cifar10": 60_000, "cifar100": 60_000, "stl10": 13_000, "tinyimagenet": 110_000,
+                  "cub200": 11_788, "stanford_dogs": 20_580, "mit67": 15_620, "stanford40": 9_532}
 DTYPE_BYTES = {"float32": 4, "float64": 8}
 
 

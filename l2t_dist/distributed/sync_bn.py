@@ -109,20 +109,25 @@ _SYNCED = {nn.BatchNorm1d: MomentSyncBatchNorm1d, nn.BatchNorm2d: MomentSyncBatc
 _TORCH_BN = tuple(_SYNCED)
 
 
-def sync_batch_norm_(module: nn.Module, group=None) -> int:
-    """Turn every torch BatchNorm layer of `module` into a MomentSyncBatchNorm in place; returns
-    how many. A batch-norm layer with a forward of its own (timm's BatchNormAct2d, ...) is refused:
-    its extra computation would be lost."""
-    converted = 0
+def check_sync_bn(module: nn.Module) -> None:
+    """Refuse a batch-norm layer with a forward of its own (timm's BatchNormAct2d, ...): its extra
+    computation would be lost. Called by `l2t-dist job` and the Ray driver (validate.py) before
+    any worker starts, and by the conversion itself."""
     for name, m in module.named_modules():
-        if isinstance(m, MomentSyncBatchNorm):
-            continue
+        if (isinstance(m, _BatchNorm) and not isinstance(m, MomentSyncBatchNorm) and type(m) not in _TORCH_BN
+                and type(m).forward not in {c.forward for c in _TORCH_BN + (_BatchNorm,)}):
+            raise ConfigError(f"cluster.sync_bn: layer {name!r} is a {type(m).__module__}.{type(m).__name__}, a "
+                              "batch norm with a forward of its own, which cannot be synchronised; use "
+                              "cluster.sync_bn: false (per-worker statistics) for this network")
+
+
+def sync_batch_norm_(module: nn.Module, group=None) -> int:
+    """Turn every torch BatchNorm layer of `module` into a MomentSyncBatchNorm in place; returns how many."""
+    check_sync_bn(module)
+    converted = 0
+    for m in module.modules():
         if type(m) in _TORCH_BN:
             m.__class__ = _SYNCED[type(m)]
             m.group = group
             converted += 1
-        elif isinstance(m, _BatchNorm) and type(m).forward not in {c.forward for c in _TORCH_BN + (_BatchNorm,)}:
-            raise ConfigError(f"cluster.sync_bn: layer {name!r} is a {type(m).__module__}.{type(m).__name__}, a "
-                              "batch norm with a forward of its own, which cannot be synchronised; use "
-                              "cluster.sync_bn: false (per-worker statistics) for this network")
     return converted
