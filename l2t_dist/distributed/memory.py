@@ -188,14 +188,15 @@ _KEEP_PROFILES = 32
 
 def job_profile(job: JobConfig) -> Profile:
     """The job's checked (validate.check_job: train's errors) and measured models. Neither
-    depends on the cluster, optimiser, run or checkpoint paths, so a sweep's trials and a
-    retried command measure once per process."""
+    depends on the cluster (but sync_bn, which the check reads), optimiser, run or checkpoint
+    paths, so a sweep's trials and a retried command measure once per process."""
     import json
 
     from l2t_dist.validate import check_job
 
     d = job.model_dump(mode="json")
     key = json.dumps({"data": d["data"], "target": d["target"], "method": d["method"], "dtype": d["run"]["dtype"],
+                      "sync_bn": d["cluster"]["sync_bn"],  # check_job refuses some networks with it
                       "sources": [{k: v for k, v in src.items() if k != "checkpoint"} for src in d["sources"]]},
                      sort_keys=True)
     if key not in _PROFILES:
