@@ -12,7 +12,7 @@ interrupted study resumes.
 Configs: `local` (one process), `ray-per_shard` (each worker looks ahead on its shard) and
 `ray-global` (meta_sync global + sync_bn: the one-process algorithm on 2 workers). The demo's
 task: the target job of `l2t-dist demo` (synthetic task c, 10 images per class, resnet20
-target, the two demo sources pretrained once into runs/parity/sources, 20 epochs). CIFAR-10:
+target, the two demo sources pretrained once into runs/parity/sources, the demo's epochs). CIFAR-10:
 the real-data study's command at 25 images per class (docs/results.md), 20 epochs.
 """
 
@@ -44,7 +44,7 @@ def demo_sources() -> list[dict]:
     out, entries = WORK / "sources", []
     for name, task, arch, taps in SOURCES:
         if not (out / name / "best.pt").exists():
-            train_local(source_job(name, task, arch, out, 8), quiet=True)
+            train_local(source_job(name, task, arch, out), quiet=True)
         entries.append({"name": name, "arch": arch, "checkpoint": str(out / name / "best.pt"), "taps": taps})
     return entries
 
@@ -54,9 +54,9 @@ def job_file(task: str, method: str) -> tuple[Path, dict]:
     if task == "demo":
         import yaml
 
-        from l2t_dist.demo import _synthetic, target_job
+        from l2t_dist.demo import TARGET_EPOCHS, _synthetic, target_job
 
-        job = target_job(method, demo_sources(), WORK, 20, _synthetic("c", 10))
+        job = target_job(method, demo_sources(), WORK, TARGET_EPOCHS, _synthetic("c", 10))
         path = WORK / f"demo-{method}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(job.model_dump(mode="json")))

@@ -11,6 +11,8 @@ tables of docs/results.md from those files (mean and spread over seeds).
     python benchmarks/real_data_study.py --only 25              # runs whose name contains "25"
     python benchmarks/real_data_study.py --table                # the tables, from the JSON files
     python benchmarks/real_data_study.py --gains                # gain over scratch per regime
+    python benchmarks/real_data_study.py --only mlr             # issue 17: l2t_ww at meta.lr 1e-3, 3e-3, 3e-4
+    python benchmarks/real_data_study.py --meta-lr              # ... and its table beside meta.lr 1e-4 and fm_a2a
     python benchmarks/real_data_study.py --compare benchmarks/results/real_data_gpu   # CPU vs GPU runs
     python benchmarks/real_data_study.py --lambdas c10-25-l2t_ww-s0   # λ per pair over training
     python benchmarks/real_data_study.py --heatmap c10-25-l2t_ww-s0 docs/img/lambda_c10_25.png
@@ -56,6 +58,7 @@ CHECKPOINTS = {"tin": "weights/l2tww_tinyimagenet200_resnet32_model_best.pth.tar
                "c10": "weights/akamaster_cifar10_resnet20-12fca82f.th"}  # under ../shared
 # "more data" or "more steps"? 50 and 100 images per class at the step count of 25 for 20 epochs
 SAME_STEPS = {50: 10, 100: 5}  # images per class -> epochs (160 SGD steps of batch 32 each)
+META_LRS = ("1e-3", "3e-3", "3e-4")  # issue 17's meta learning rates (the job files' is the paper's 1e-4)
 
 
 def plan(seeds: tuple = (0, 1)) -> list[dict]:
@@ -98,6 +101,12 @@ def plan(seeds: tuple = (0, 1)) -> list[dict]:
                 add(f"c10-{per_class}-{method}-s{seed}-e{epochs}", "jobs/cifar10_limited.yaml",
                     [*METHODS[method], f"data.per_class={per_class}", f"run.seed={seed}", f"optim.epochs={epochs}"],
                     study="same_steps", method=method, per_class=per_class, seed=seed, sources="tin")
+    # issue 17: does learning what and where pay off with a larger meta-lr? 25 images per class
+    for seed in seeds:
+        for mlr in META_LRS:
+            add(f"c10-25-l2t_ww-mlr{mlr}-s{seed}", "jobs/cifar10_limited.yaml",
+                [*METHODS["l2t_ww"], f"meta.lr={mlr}", "data.per_class=25", f"run.seed={seed}"],
+                study="meta_lr", method="l2t_ww", per_class=25, seed=seed, sources="tin", meta_lr=mlr)
     return runs
 
 
@@ -260,6 +269,49 @@ def lambda_change(records: list[dict]) -> dict:
     return {k: statistics.mean(v) for k, v in per_pair.items()}
 
 
+DEEP_RISE = ("tin:block14->stage3", "tin:block14->stage4")  # rose in all 3 seeds at 100 images per class
+DEEP_TO_SHALLOW = ("tin:block14->stage1", "tin:block14->stage2")  # fell there
+
+
+def movement(record: dict) -> dict:
+    """How far the what- and where-networks moved in one run, epoch 1 to the last: the largest
+    |Δλ|, the mean λ, the mean Δλ of the pairs that rose at 100 images per class (the deepest source
+    block to the two deepest target stages) and of that block to the shallow stages, and the lowest
+    channel-weight entropy (ln 16 = 2.773 is uniform over a 16-channel tap)."""
+    first, last = record["history"][0]["pairs"], record["history"][-1]["pairs"]
+    delta = {k: last[k]["lambda"] - first[k]["lambda"] for k in last}
+    mean = lambda keys: statistics.mean(delta[k] for k in keys if k in delta)  # noqa: E731
+    return {"max_abs_dlambda": max(map(abs, delta.values())),
+            "mean_lambda": (statistics.mean(v["lambda"] for v in first.values()),
+                            statistics.mean(v["lambda"] for v in last.values())),
+            "deep_rise": mean(DEEP_RISE), "deep_to_shallow": mean(DEEP_TO_SHALLOW),
+            "min_entropy": min(v["entropy"] for v in last.values())}
+
+
+def meta_lr_table(records: list[dict], per_class: int = 25) -> str:
+    """Issue 17's table: l2t_ww at each meta.lr (the job files' 1e-4 from the main study) beside
+    the fixed all-to-all control fm_a2a, with how far λ and the channel weights moved."""
+    lines = ["| method | meta.lr | test acc at best val, mean ± sd | per seed | largest \\|Δλ\\| | mean λ ep 1 → last "
+             "| Δλ deepest → 2 deepest / → shallow | lowest entropy |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("fm_a2a", "-", [r for r in records if r["study"] == "limited" and r["method"] == "fm_a2a"])]
+    rows.append(("l2t_ww", "1e-4", [r for r in records if r["study"] == "limited" and r["method"] == "l2t_ww"]))
+    for mlr in sorted({r["meta_lr"] for r in records if r["study"] == "meta_lr"}, key=float):
+        rows.append(("l2t_ww", mlr, [r for r in records if r["study"] == "meta_lr" and r["meta_lr"] == mlr]))
+    for method, mlr, rs in rows:
+        rs = sorted((r for r in rs if r["per_class"] == per_class), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        accs = [r["test_acc_at_best_val"] for r in rs]
+        seeds = ", ".join(f"s{r['seed']}: {r['test_acc_at_best_val']:.2f}" for r in rs)
+        moved = [movement(r) for r in rs] if method == "l2t_ww" else []
+        cells = ([", ".join(f"{m['max_abs_dlambda']:.2f}" for m in moved),
+                  ", ".join(f"{m['mean_lambda'][0]:.2f} → {m['mean_lambda'][1]:.2f}" for m in moved),
+                  ", ".join(f"{m['deep_rise']:+.2f} / {m['deep_to_shallow']:+.2f}" for m in moved),
+                  ", ".join(f"{m['min_entropy']:.3f}" for m in moved)] if moved else ["-"] * 4)
+        lines.append(f"| {method} | {mlr} | {_mean_spread(accs)} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def lambda_table(record: dict, epochs: tuple = (1, 5, 10, 15, 20)) -> str:
     """λ of every pair at a few epochs (the mean over the val set, as logged), deepest first,
     plus the mean per source: where the where-network leans over training."""
@@ -293,6 +345,7 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the plan and the commands, run nothing")
     ap.add_argument("--table", action="store_true", help="print the tables from the results, run nothing")
     ap.add_argument("--gains", action="store_true", help="print each method's gain over scratch per regime")
+    ap.add_argument("--meta-lr", action="store_true", help="print issue 17's meta.lr table (25 per class), run nothing")
     ap.add_argument("--compare", metavar="DIR", help="print the runs in both --results and DIR side by side")
     ap.add_argument("--lambdas", metavar="RUN", help="print the λ of RUN's pairs over training, run nothing")
     ap.add_argument("--heatmap", nargs=2, metavar=("RUN", "PNG"), help="draw RUN's final λ heat-map, run nothing")
@@ -306,6 +359,9 @@ def main() -> None:
         return
     if args.gains:
         print(gains_table(load(results)))
+        return
+    if args.meta_lr:
+        print(meta_lr_table(load(results)))
         return
     if args.compare:
         print(compare_table(load(results), load(Path(args.compare))))

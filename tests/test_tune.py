@@ -126,7 +126,7 @@ def test_grace_period_beyond_the_epochs_is_rejected(tmp_path, capsys):
     assert "grace_period=9" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("space", ["beta_T.yaml", "wide.yaml"])
+@pytest.mark.parametrize("space", ["default.yaml", "beta_T.yaml", "wide.yaml"])
 @pytest.mark.parametrize("job", ["jobs/cifar10_limited.yaml", "jobs/multi_source.yaml"])
 def test_shipped_spaces_are_valid(space, job):
     from l2t_dist.config import load_job
@@ -137,8 +137,20 @@ def test_shipped_spaces_are_valid(space, job):
     assert {"method.beta", "method.T"} <= set(s.params)
     assert s.params["method.beta"].dist == "loguniform" and s.params["method.beta"].args == [0.05, 5]
     assert s.params["method.T"].args == [1, 2, 3, 5]
+    if space != "beta_T.yaml":  # the default space searches the meta learning rate (issue 17)
+        assert s.params["meta.lr"].dist == "loguniform" and s.params["meta.lr"].args[0] <= 1e-4
     if space == "wide.yaml":
         assert {"meta.lr", "optim.lr", "method.where"} <= set(s.params)
+
+
+def test_the_meta_lr_sweep_space_is_valid():
+    from l2t_dist.config import load_job
+    from l2t_dist.tune.space import check_against_job, load_space
+
+    s = load_space(REPO / "tune_spaces" / "meta_lr_beta.yaml")
+    check_against_job(s, load_job(REPO / "jobs/cifar10_limited.yaml"))
+    assert set(s.params) == {"meta.lr", "method.beta"} and s.num_samples >= 8
+    assert s.scheduler.name == "asha" and s.points_to_evaluate == [{"meta.lr": 1e-4, "method.beta": 0.5}]
 
 
 def test_sampled_values_reach_the_trial_job(tmp_path):
