@@ -381,7 +381,7 @@ def main() -> None:
 
         png, names = Path(args.change_heatmap[0]), args.change_heatmap[1:]
         change = lambda_change([json.loads((results / f"{n}.json").read_text()) for n in names])
-        title = f"change of λ from epoch 1 to the last, mean of {len(names)} runs"
+        title = f"change of λ from epoch 1 to the last, mean of {len(names)} run{'s' if len(names) > 1 else ''}"
         print(lambda_heatmap({k: {"lambda": v} for k, v in change.items()}, png, title, centered=True,
                              label="Δ mean λ (val batch)"))
         return
