@@ -277,9 +277,9 @@ def movement(record: dict) -> dict:
     """How far the what- and where-networks moved in one run, epoch 1 to the last: the largest
     |Δλ|, the mean λ, the mean Δλ of the pairs that rose at 100 images per class (the deepest source
     block to the two deepest target stages) and of that block to the shallow stages, and the lowest
-    channel-weight entropy (ln 16 = 2.773 is uniform over a 16-channel tap)."""
+    channel-weight entropy (uniform is ln C: 2.773 for the 16-channel taps, more for wider ones)."""
     first, last = record["history"][0]["pairs"], record["history"][-1]["pairs"]
-    delta = {k: last[k]["lambda"] - first[k]["lambda"] for k in last}
+    delta = lambda_change([record])
     mean = lambda keys: statistics.mean(delta[k] for k in keys if k in delta)  # noqa: E731
     return {"max_abs_dlambda": max(map(abs, delta.values())),
             "mean_lambda": (statistics.mean(v["lambda"] for v in first.values()),

@@ -16,6 +16,7 @@ real checkpoints (then nothing is pretrained); `--backend local` runs without Ra
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,8 +32,18 @@ REGISTERED = "demo-target"
 # per class reach about 95% / 80% on their tasks, so their features are worth transferring; the
 # target trains 60 epochs at lr 0.02, long enough to fit its 100 images (at 20 epochs and lr 0.05
 # it was still under-fitted, and scratch swung over 14-37% with the seed).
-SOURCE_IMAGES_PER_CLASS, SOURCE_EPOCHS, TARGET_EPOCHS = 300, 10, 60
-QUICK = {"source_images_per_class": 60, "source_epochs": 2, "target_epochs": 2}  # `--quick`: the wiring only
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long the demo trains: the measured full run, or `--quick` (the wiring only)."""
+    source_images_per_class: int
+    source_epochs: int
+    target_epochs: int
+    eval_every: int
+
+
+FULL, QUICK = Budget(300, 10, 60, 4), Budget(60, 2, 2, 1)
 
 
 def _synthetic(task: str, per_class: Optional[int] = None, on_disk: int = 60) -> dict:
@@ -41,25 +52,25 @@ def _synthetic(task: str, per_class: Optional[int] = None, on_disk: int = 60) ->
             "image_size": SIZE, "batch_size": 32, "eval_batch_size": 500, "per_class": per_class}
 
 
-def source_job(name: str, task: str, arch: str, out: Path, epochs: int = SOURCE_EPOCHS,
-               images_per_class: int = SOURCE_IMAGES_PER_CLASS) -> JobConfig:
-    data = {**_synthetic(task, on_disk=images_per_class), "batch_size": 64}
+def source_job(name: str, task: str, arch: str, out: Path, budget: Budget = FULL) -> JobConfig:
+    data = {**_synthetic(task, on_disk=budget.source_images_per_class), "batch_size": 64}
+    epochs = budget.source_epochs
     return parse_job({"data": data, "target": {"arch": arch}, "method": {"name": "scratch"},
                       "optim": {"lr": 0.1, "epochs": epochs},
                       "run": {"name": name, "out_dir": str(out), "seed": 0, "eval_every": epochs},
                       "tracking": {"enabled": False}})
 
 
-def target_job(method: str, sources: list[dict], out: Path, epochs: int, data: dict, *,
-               workers: int = 2, tracking: Optional[dict] = None, seed: int = 0, eval_every: int = 4) -> JobConfig:
+def target_job(method: str, sources: list[dict], out: Path, data: dict, *, budget: Budget = FULL,
+               workers: int = 2, tracking: Optional[dict] = None, seed: int = 0) -> JobConfig:
     # meta_sync global + sync_bn: the 2 Ray workers run the one-process algorithm on the global
     # batch (docs/distributed.md), so `--backend ray` and `--backend local` answer alike.
     return parse_job({"data": data, "target": {"arch": "resnet20"},
                       "sources": sources if method != "scratch" else [],
                       "method": {"name": method, "beta": 0.5, "T": 2},
-                      "optim": {"lr": 0.02, "epochs": epochs}, "meta": {"lr": 1e-3},
+                      "optim": {"lr": 0.02, "epochs": budget.target_epochs}, "meta": {"lr": 1e-3},
                       "run": {"name": f"target-{method}", "out_dir": str(out), "seed": seed,
-                              "eval_every": min(eval_every, epochs)},
+                              "eval_every": budget.eval_every},
                       "cluster": {"workers": workers, "sources_mode": "served", "meta_sync": "global",
                                   "sync_bn": True},
                       "tracking": tracking or {"enabled": False}})
@@ -110,14 +121,12 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True
     sources = [parse_source(s, i) for i, s in enumerate(source_specs)]
     data = parse_data_root(data_root, per_class) if data_root else _synthetic("c", per_class)
     tracking = _tracking(tracking_uri)
-    src_epochs, src_images, tgt_epochs = ((QUICK["source_epochs"], QUICK["source_images_per_class"],
-                                           QUICK["target_epochs"]) if quick
-                                          else (SOURCE_EPOCHS, SOURCE_IMAGES_PER_CLASS, TARGET_EPOCHS))
+    budget = QUICK if quick else FULL
     started = time.perf_counter()
     if not sources:
         for name, task, arch, taps in SOURCES:
             print(f"[demo] pretraining source {name} ({arch}) on synthetic task {task} ...", flush=True)
-            s = train_local(source_job(name, task, arch, out, src_epochs, src_images), quiet=quiet)
+            s = train_local(source_job(name, task, arch, out, budget), quiet=quiet)
             print(f"[demo]   {name}: test accuracy {s.test_acc_at_best_val:.1f}%", flush=True)
             sources.append({"name": name, "arch": arch, "checkpoint": str(out / name / "best.pt"), "taps": taps})
     started_ray = _start_ray() if backend == "ray" else False
@@ -127,8 +136,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True
             where = "2 Ray Train workers, sources served by Ray actors" if backend == "ray" else "one process"
             print(f"[demo] training the target ({data['kind']}, {data['per_class']} images per class) with "
                   f"{method} on {where} ...", flush=True)
-            job = target_job(method, sources, out, tgt_epochs, data, tracking=tracking, seed=seed,
-                             eval_every=1 if quick else 4)
+            job = target_job(method, sources, out, data, budget=budget, tracking=tracking, seed=seed)
             results[method] = train_job(job, backend=backend, quiet=quiet).to_dict()
     finally:
         if started_ray:
