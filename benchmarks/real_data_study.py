@@ -61,6 +61,9 @@ CHECKPOINTS = {"tin": "weights/l2tww_tinyimagenet200_resnet32_model_best.pth.tar
 SAME_STEPS = {50: 10, 100: 5}  # images per class -> epochs (160 SGD steps of batch 32 each)
 META_LRS = ("1e-3", "3e-3", "3e-4")  # issue 17's meta learning rates (the job files' is the paper's 1e-4)
 META_LR_BEST = "3e-4"  # the best of META_LRS at 25 per class (mean over 2 seeds), run again at 50 per class
+# the Tune sweep's best trial (tune_spaces/meta_lr_beta.yaml, chosen on val: meta.lr 7.04e-4, beta
+# 1.2513), rounded; fm_a2a runs at its beta: is its gain the learned weights' or the larger beta's?
+TUNED = {"meta_lr": "7e-4", "beta": "1.25"}
 
 
 def plan(seeds: tuple = (0, 1)) -> list[dict]:
@@ -109,6 +112,15 @@ def plan(seeds: tuple = (0, 1)) -> list[dict]:
             add(f"c10-25-l2t_ww-mlr{mlr}-s{seed}", "jobs/cifar10_limited.yaml",
                 [*METHODS["l2t_ww"], f"meta.lr={mlr}", "data.per_class=25", f"run.seed={seed}"],
                 study="meta_lr", method="l2t_ww", per_class=25, seed=seed, sources="tin", meta_lr=mlr)
+    for seed in seeds:  # the Tune sweep's best values (its seed-0 trial is seed 0), and the fixed-weight
+        mlr, beta = TUNED["meta_lr"], TUNED["beta"]  # control at the same beta
+        if seed > 0:
+            add(f"c10-25-l2t_ww-mlr{mlr}-b{beta}-s{seed}", "jobs/cifar10_limited.yaml",
+                [*METHODS["l2t_ww"], f"meta.lr={mlr}", f"method.beta={beta}", "data.per_class=25", f"run.seed={seed}"],
+                study="meta_lr", method="l2t_ww", per_class=25, seed=seed, sources="tin", meta_lr=mlr, beta=beta)
+        add(f"c10-25-fm_a2a-b{beta}-s{seed}", "jobs/cifar10_limited.yaml",
+            [*METHODS["fm_a2a"], f"method.beta={beta}", "data.per_class=25", f"run.seed={seed}"],
+            study="meta_lr", method="fm_a2a", per_class=25, seed=seed, sources="tin", beta=beta)
     for seed in seeds:  # ... and the best of them with twice the data
         add(f"c10-50-l2t_ww-mlr{META_LR_BEST}-s{seed}", "jobs/cifar10_limited.yaml",
             [*METHODS["l2t_ww"], f"meta.lr={META_LR_BEST}", "data.per_class=50", f"run.seed={seed}"],
@@ -296,14 +308,23 @@ def movement(record: dict) -> dict:
 
 def meta_lr_table(records: list[dict], per_class: int = 25) -> str:
     """Issue 17's table: l2t_ww at each meta.lr (the job files' 1e-4 from the main study) beside
-    the fixed all-to-all control fm_a2a, with how far λ and the channel weights moved."""
-    lines = ["| method | meta.lr | test acc at best val, mean ± sd | per seed | largest \\|Δλ\\| | mean λ ep 1 → last "
-             "| Δλ deepest → 2 deepest / → shallow | lowest entropy |", "|---|---|---|---|---|---|---|---|"]
-    rows = [("fm_a2a", "-", [r for r in records if r["study"] == "limited" and r["method"] == "fm_a2a"])]
-    rows.append(("l2t_ww", "1e-4", [r for r in records if r["study"] == "limited" and r["method"] == "l2t_ww"]))
-    for mlr in sorted({r["meta_lr"] for r in records if r["study"] == "meta_lr"}, key=float):
-        rows.append(("l2t_ww", mlr, [r for r in records if r["study"] == "meta_lr" and r["meta_lr"] == mlr]))
-    for method, mlr, rs in rows:
+    the fixed all-to-all control fm_a2a, with how far λ and the channel weights moved; then the
+    Tune sweep's best values beside fm_a2a at the same β."""
+    lines = ["| method | meta.lr | β | test acc at best val, mean ± sd | per seed | largest \\|Δλ\\| "
+             "| mean λ ep 1 → last | Δλ deepest → 2 deepest / → shallow | lowest entropy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    limited = [r for r in records if r["study"] == "limited"]
+    meta = [r for r in records if r["study"] == "meta_lr"]
+    rows = [("fm_a2a", "-", "0.5", [r for r in limited if r["method"] == "fm_a2a"]),
+            ("l2t_ww", "1e-4", "0.5", [r for r in limited if r["method"] == "l2t_ww"])]
+    for mlr in sorted({r["meta_lr"] for r in meta if "beta" not in r}, key=float):
+        rows.append(("l2t_ww", mlr, "0.5", [r for r in meta if "beta" not in r and r["meta_lr"] == mlr]))
+    for beta in sorted({r["beta"] for r in meta if "beta" in r}, key=float):
+        rows.append(("fm_a2a", "-", beta, [r for r in meta if r.get("beta") == beta and r["method"] == "fm_a2a"]))
+        for mlr in sorted({r["meta_lr"] for r in meta if r.get("beta") == beta and r["method"] == "l2t_ww"}, key=float):
+            rows.append(("l2t_ww", mlr, beta, [r for r in meta if r.get("beta") == beta and r.get("meta_lr") == mlr
+                                               and r["method"] == "l2t_ww"]))
+    for method, mlr, beta, rs in rows:
         rs = sorted((r for r in rs if r["per_class"] == per_class), key=lambda r: r["seed"])
         if not rs:
             continue
@@ -314,7 +335,7 @@ def meta_lr_table(records: list[dict], per_class: int = 25) -> str:
                   ", ".join(f"{m['mean_lambda'][0]:.2f} → {m['mean_lambda'][1]:.2f}" for m in moved),
                   ", ".join(f"{m['deep_rise']:+.2f} / {m['deep_to_shallow']:+.2f}" for m in moved),
                   ", ".join(f"{m['min_entropy']:.3f}" for m in moved)] if moved else ["-"] * 4)
-        lines.append(f"| {method} | {mlr} | {_mean_spread(accs)} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {mlr} | {beta} | {_mean_spread(accs)} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
