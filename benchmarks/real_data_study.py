@@ -313,19 +313,21 @@ def meta_lr_table(records: list[dict], per_class: int = 25) -> str:
     lines = ["| method | meta.lr | β | test acc at best val, mean ± sd | per seed | largest \\|Δλ\\| "
              "| mean λ ep 1 → last | Δλ deepest → 2 deepest / → shallow | lowest entropy |",
              "|---|---|---|---|---|---|---|---|---|"]
-    limited = [r for r in records if r["study"] == "limited"]
-    meta = [r for r in records if r["study"] == "meta_lr"]
-    rows = [("fm_a2a", "-", "0.5", [r for r in limited if r["method"] == "fm_a2a"]),
-            ("l2t_ww", "1e-4", "0.5", [r for r in limited if r["method"] == "l2t_ww"])]
-    for mlr in sorted({r["meta_lr"] for r in meta if "beta" not in r}, key=float):
-        rows.append(("l2t_ww", mlr, "0.5", [r for r in meta if "beta" not in r and r["meta_lr"] == mlr]))
-    for beta in sorted({r["beta"] for r in meta if "beta" in r}, key=float):
-        rows.append(("fm_a2a", "-", beta, [r for r in meta if r.get("beta") == beta and r["method"] == "fm_a2a"]))
-        for mlr in sorted({r["meta_lr"] for r in meta if r.get("beta") == beta and r["method"] == "l2t_ww"}, key=float):
-            rows.append(("l2t_ww", mlr, beta, [r for r in meta if r.get("beta") == beta and r.get("meta_lr") == mlr
-                                               and r["method"] == "l2t_ww"]))
-    for method, mlr, beta, rs in rows:
-        rs = sorted((r for r in rs if r["per_class"] == per_class), key=lambda r: r["seed"])
+
+    def setting(r: dict):  # (β, method, meta.lr) of an issue-17 row; the main study's runs are the paper's
+        if r["study"] == "limited" and r["method"] in ("fm_a2a", "l2t_ww"):
+            return 0.5, r["method"], "-" if r["method"] == "fm_a2a" else "1e-4"
+        if r["study"] == "meta_lr":
+            return float(r.get("beta", 0.5)), r["method"], r.get("meta_lr", "-")
+        return None
+
+    groups: dict = {}
+    for r in records:
+        if setting(r) is not None:
+            groups.setdefault(setting(r), []).append(r)
+    order = sorted(groups, key=lambda k: (k[0], k[1] != "fm_a2a", 0.0 if k[2] == "-" else float(k[2])))
+    for beta, method, mlr in order:
+        rs = sorted((r for r in groups[(beta, method, mlr)] if r["per_class"] == per_class), key=lambda r: r["seed"])
         if not rs:
             continue
         accs = [r["test_acc_at_best_val"] for r in rs]
@@ -335,7 +337,7 @@ def meta_lr_table(records: list[dict], per_class: int = 25) -> str:
                   ", ".join(f"{m['mean_lambda'][0]:.2f} → {m['mean_lambda'][1]:.2f}" for m in moved),
                   ", ".join(f"{m['deep_rise']:+.2f} / {m['deep_to_shallow']:+.2f}" for m in moved),
                   ", ".join(f"{m['min_entropy']:.3f}" for m in moved)] if moved else ["-"] * 4)
-        lines.append(f"| {method} | {mlr} | {beta} | {_mean_spread(accs)} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {mlr} | {beta:g} | {_mean_spread(accs)} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
