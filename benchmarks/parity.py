@@ -54,9 +54,9 @@ def job_file(task: str, method: str) -> tuple[Path, dict]:
     if task == "demo":
         import yaml
 
-        from l2t_dist.demo import FULL, _synthetic, target_job
+        from l2t_dist.demo import target_data, target_job
 
-        job = target_job(method, demo_sources(), WORK, _synthetic("c", 10, on_disk=FULL.target_images_per_class))
+        job = target_job(method, demo_sources(), WORK, target_data())
         path = WORK / f"demo-{method}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(job.model_dump(mode="json")))

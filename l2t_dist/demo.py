@@ -48,10 +48,15 @@ class Budget:
 FULL, QUICK = Budget(300, 10, 100, 4, 300), Budget(60, 2, 2, 1, 60)
 
 
-def _synthetic(task: str, per_class: Optional[int] = None, on_disk: int = 60) -> dict:
+def _synthetic(task: str, per_class: Optional[int] = None, *, on_disk: int) -> dict:
     # `on_disk` images per class are generated; `per_class` keeps only that many for training (limited data).
     return {"kind": "synthetic", "path": f"task={task},classes=10,per_class={on_disk},size={SIZE},seed=0",
             "image_size": SIZE, "batch_size": 32, "eval_batch_size": 500, "per_class": per_class}
+
+
+def target_data(per_class: int = 10, budget: Budget = FULL) -> dict:
+    """The demo target's data section (synthetic task c); benchmarks/parity.py runs the same."""
+    return _synthetic("c", per_class, on_disk=budget.target_images_per_class)
 
 
 def source_job(name: str, task: str, arch: str, out: Path, budget: Budget = FULL) -> JobConfig:
@@ -122,8 +127,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, quiet: bool = True
         raise ConfigError(f"demo output folder {str(out)!r} is not empty; remove it or pass --out NEW_FOLDER")
     sources = [parse_source(s, i) for i, s in enumerate(source_specs)]
     budget = QUICK if quick else FULL
-    data = (parse_data_root(data_root, per_class) if data_root
-            else _synthetic("c", per_class, on_disk=budget.target_images_per_class))
+    data = parse_data_root(data_root, per_class) if data_root else target_data(per_class, budget)
     tracking = _tracking(tracking_uri)
     started = time.perf_counter()
     if not sources:
