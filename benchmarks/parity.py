@@ -9,8 +9,9 @@ interrupted study resumes.
     python benchmarks/parity.py --task cifar10 --seeds 0,1,2 --methods l2t_ww
     python benchmarks/parity.py --table                                      # mean and spread
 
-Configs: `local` (one process), `ray-per_shard` (each worker looks ahead on its shard) and
-`ray-global` (meta_sync global + sync_bn: the one-process algorithm on 2 workers). The demo's
+Configs: `local` (one process), `ray-per_shard` (each worker looks ahead on its shard),
+`ray-global` (meta_sync global + sync_bn: the one-process algorithm on 2 workers) and
+`ray-global-no_sync_bn` (the defaults: meta_sync global, batch norm on each worker's shard). The demo's
 task: the target job of `l2t-dist demo` (synthetic task c, 10 images per class, resnet20
 target, the two demo sources pretrained once into runs/parity/sources, the demo's epochs). CIFAR-10:
 the real-data study's command at 25 images per class (docs/results.md), 20 epochs.
@@ -32,7 +33,8 @@ RESULTS = REPO / "benchmarks" / "results" / "parity"
 WORK = REPO / "runs" / "parity"
 CONFIGS = {"local": ("local", {}),
            "ray-per_shard": ("ray", {"cluster.meta_sync": "per_shard", "cluster.sync_bn": "false"}),
-           "ray-global": ("ray", {"cluster.meta_sync": "global", "cluster.sync_bn": "true"})}
+           "ray-global": ("ray", {"cluster.meta_sync": "global", "cluster.sync_bn": "true"}),
+           "ray-global-no_sync_bn": ("ray", {"cluster.meta_sync": "global", "cluster.sync_bn": "false"})}
 SHARED = Path(os.environ.get("L2T_SHARED", REPO.parent / "shared"))
 
 
@@ -102,12 +104,18 @@ def table() -> None:
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
         rows.setdefault((r["task"], r["method"], r["config"]), []).append(r)
-    print("| task | method | config | seeds | test acc at best val: mean | spread (max - min) | values |")
-    print("|---|---|---|---|---|---|---|")
+    print("| task | method | config | seeds | test acc at best val: mean | spread (max - min) | values "
+          "| mean - local mean | inside local's seeds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (task, method, config), rs in sorted(rows.items()):
         accs = [r["test_acc_at_best_val"] for r in sorted(rs, key=lambda r: r["seed"])]
+        local = [r["test_acc_at_best_val"] for r in rows.get((task, method, "local"), [])]
+        # parity: does the mean lie within the range (min..max) of the one-process seeds?
+        vs = (f"{statistics.mean(accs) - statistics.mean(local):+.2f} | "
+              f"{'yes' if min(local) <= statistics.mean(accs) <= max(local) else 'no'}"
+              if local and config != "local" else "| ")
         print(f"| {task} | {method} | {config} | {len(accs)} | {statistics.mean(accs):.2f} | "
-              f"{max(accs) - min(accs):.2f} | {', '.join(f'{a:.1f}' for a in accs)} |")
+              f"{max(accs) - min(accs):.2f} | {', '.join(f'{a:.1f}' for a in accs)} | {vs} |")
     print("\n| task | config | l2t_ww - scratch (means) | spread of l2t_ww / scratch | gain > both spreads |")
     print("|---|---|---|---|---|")
     for task, config in sorted({(t, c) for t, _, c in rows}):
