@@ -29,7 +29,8 @@ def job_tree(out_dir: str, ckpt: str, device: str, iters: int) -> dict:
             "target": {"arch": "resnet20"}, "method": {"name": "l2t_ww", "T": 1, "beta": 0.1},
             "optim": {"lr": 0.05, "epochs": 1}, "meta": {"lr": 1e-2},
             "run": {"name": "dp", "out_dir": out_dir, "seed": 3, "device": device, "max_iters_per_epoch": iters,
-                    "checkpoint_every": 1}}
+                    "checkpoint_every": 1},
+            "cluster": {"meta_sync": "per_shard"}}  # the algorithm simulate_data_parallel computes
 
 
 def deterministic_cuda() -> None:
@@ -58,7 +59,7 @@ def _rank(rank: int, world: int, tmp: str, ckpt: str, backend: str, iters: int) 
     dist.init_process_group(backend, init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
     job = parse_job(job_tree(tmp, ckpt, "cuda", iters))
     t0 = time.perf_counter()
-    run = TrainingLoop(job, Path(tmp) / "dp", parallel=DataParallel(rank, world))
+    run = TrainingLoop(job, Path(tmp) / "dp", parallel=DataParallel(rank, world, meta_sync=job.cluster.meta_sync))
     summary = run.run().to_dict()
     out = {"summary": {k: v for k, v in summary.items() if k != "pairs"}, "seconds": time.perf_counter() - t0,
            "theta": {n: p.detach().cpu() for n, p in run.trainee.objective.student.named_parameters()},

@@ -207,9 +207,11 @@ class ClusterConfig(_Section):
     feature_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="transport dtype of served features")
     prefetch: int = Field(1, ge=0, le=8, description="batches of features requested ahead of the step")
     meta_sync: Literal["per_shard", "global"] = Field(
-        "per_shard", description="global: every look-ahead step and reverse product is all-reduced, so N workers "
-                                 "compute the one-process hyper-gradient of the global batch; per_shard: each worker "
-                                 "looks ahead on its shard and the hyper-gradients are averaged (fewer bytes)")
+        "global", description="global: every look-ahead step and reverse product is all-reduced, so N workers "
+                              "compute the one-process hyper-gradient of the global batch (the default: it matched "
+                              "one process's accuracy, docs/distributed.md); per_shard: each worker looks ahead on "
+                              "its shard and the hyper-gradients are averaged (2T+2 fewer θ-sized all-reduces per "
+                              "iteration, another algorithm)")
     sync_bn: bool = Field(False, description="normalise with the global batch's moments (differentiable all-reduce, "
                                              "real step and look-ahead); needs meta_sync: global; false: per-worker "
                                              "statistics, averaged before evaluation and checkpoints")

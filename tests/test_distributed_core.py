@@ -35,7 +35,8 @@ def _job_tree(out_dir, ckpt):
             "target": {"arch": "resnet20"}, "method": {"name": "l2t_ww", "T": 1, "beta": 0.1},
             "optim": {"lr": 0.05, "epochs": 1}, "meta": {"lr": 1e-2},
             "run": {"name": "dp", "out_dir": str(out_dir), "seed": 3, "threads": 1, "max_iters_per_epoch": 3,
-                    "checkpoint_every": 1}}
+                    "checkpoint_every": 1},
+            "cluster": {"meta_sync": "per_shard"}}  # what simulate_data_parallel computes
 
 
 def _worker(rank, world, tmp, ckpt):
@@ -54,10 +55,17 @@ def _worker(rank, world, tmp, ckpt):
     flat_all_reduce_(ts, bucket_bytes=24)
     assert torch.equal(ts[0], torch.full((3, 2), 1.5)) and torch.equal(ts[1], torch.arange(5.0) * 1.5)
     assert ts[2].dtype == torch.float64 and torch.equal(ts[2], torch.full((4,), 1.5, dtype=torch.float64))
-    par = DataParallel(rank, world)
+    par = DataParallel(rank, world, meta_sync="per_shard")
     par.weigh([0.25, 0.75][rank])  # shards of 1 and 3 out of 4 images
     g = [torch.full((2,), float(rank + 1))]
     par.reduce_grads(g)  # the gradient of the global mean: Σ_r (n_r / N) g_r
+    assert torch.allclose(g[0], torch.full((2,), 0.25 * 1 + 0.75 * 2))
+    # global (the default): the loss carries the weight n_r·world/N, the reduction is a plain mean
+    par_global = DataParallel(rank, world)
+    par_global.weigh([0.25, 0.75][rank])
+    assert par_global.meta_sync == "global" and par_global.loss_scale() == [0.5, 1.5][rank]
+    g = [torch.full((2,), float(rank + 1)) * par_global.loss_scale()]
+    par_global.reduce_grads(g)
     assert torch.allclose(g[0], torch.full((2,), 0.25 * 1 + 0.75 * 2))
     assert par.reduce_metrics({"loss": float(rank + 1)}, [0.25, 0.75][rank], torch.device("cpu")) == {"loss": 1.75}
     assert par.sum_count(rank + 2, torch.device("cpu")) == 5
@@ -78,7 +86,7 @@ def _worker(rank, world, tmp, ckpt):
 
     sys.stdout = sys.stderr = open(f"{tmp}/out{rank}.txt", "w")
     job = parse_job(_job_tree(tmp, ckpt))
-    par = DataParallel(rank, world)
+    par = DataParallel(rank, world, meta_sync=job.cluster.meta_sync)
     run = TrainingLoop(job, __import__("pathlib").Path(tmp) / "dp", parallel=par)
     summary = run.run().to_dict()
     sys.stdout.flush()
@@ -158,9 +166,10 @@ def test_unplaceable_plans_fail_with_both_sides_named():
 def test_cluster_section_defaults_and_errors():
     job = parse_job({"method": {"name": "scratch"}})
     assert job.cluster.workers == 2 and job.cluster.sources_mode == "served" and job.cluster.address is None
+    assert job.cluster.meta_sync == "global" and not job.cluster.sync_bn  # the one-process hyper-gradient
     with pytest.raises(ConfigError, match="sync_bn=true needs cluster.meta_sync=global"):
-        parse_job({"method": {"name": "scratch"}, "cluster": {"sync_bn": True}})
-    synced = parse_job({"method": {"name": "scratch"}, "cluster": {"sync_bn": True, "meta_sync": "global"}})
+        parse_job({"method": {"name": "scratch"}, "cluster": {"sync_bn": True, "meta_sync": "per_shard"}})
+    synced = parse_job({"method": {"name": "scratch"}, "cluster": {"sync_bn": True}})
     assert synced.cluster.sync_bn and synced.cluster.meta_sync == "global"
     with pytest.raises(ConfigError, match="cluster.feature_dtype"):
         parse_job({"method": {"name": "scratch"}, "cluster": {"feature_dtype": "int8"}})

@@ -81,9 +81,10 @@ def job_tree(out_dir, ckpts, name, **cluster):
         "optim": {"lr": 0.05, "epochs": 2},
         "meta": {"lr": 1e-2},
         "run": {"name": name, "out_dir": str(out_dir), "seed": 3, "threads": 1, "max_iters_per_epoch": 3},
+        # per_shard: the algorithm that simulate_data_parallel computes (global is tested on its own)
         "cluster": {"workers": 2, "cpus_per_worker": 0.4, "worker_resources": {"train_node": 1},
                     "cpus_per_source_actor": 0.2, "source_resources": {"src_node": 1}, "max_failures": 2,
-                    "request_timeout_s": 120, "start_timeout_s": 60, **cluster},
+                    "request_timeout_s": 120, "start_timeout_s": 60, "meta_sync": "per_shard", **cluster},
         "tracking": {"enabled": False},  # MLflow is tested in test_tracking.py; no mlflow.db in the cwd here
     }
 
@@ -251,8 +252,8 @@ def test_cub_paper_job_on_ray(cluster, tmp_path):
     """Issue 14's acceptance with --backend ray: jobs/cub200_paper.yaml on a small CUB-200-2011
     tree and a torchvision ResNet34 state_dict (tests/test_cub_job.py runs it locally), streamed
     with the default 2 decode workers per train worker, the ResNet34 served from the head
-    raylet: one epoch trains, evaluates and checkpoints. (θ is not the local run's: the default
-    meta_sync per_shard takes each worker's hyper-gradient on its own shard.)"""
+    raylet: one epoch trains, evaluates and checkpoints, with the default meta_sync global
+    (ResNet34's θ all-reduced 2T+3 times per iteration)."""
     import contextlib
     import io
     import math

@@ -26,7 +26,10 @@ What it pins, for each of four runs (tests/golden/{l2t_ww,fm}_{local,ray}.json):
   sum and sum of squares of θ, φ and the momentum buffers.
 The one-process and the Ray trajectories are different algorithms (the Ray workers run the
 look-ahead per shard, with per-worker batch norm, and fm gets float32 served features), so
-they are different golden files, and the test checks that they do differ.
+they are different golden files, and the test checks that they do differ. The job names
+cluster.meta_sync: per_shard, the default when the files were recorded (global since
+2026-12-07, which tests/test_meta_sync.py and tests/test_distributed_ray.py pin against one
+process instead); the files' "job_edited" says so.
 
 Re-recording: `L2T_RECORD_GOLDEN=1 python -m pytest tests/test_golden_trajectory.py` writes
 the files and then FAILS on purpose ("recorded, re-run without L2T_RECORD_GOLDEN"), so that a
@@ -140,7 +143,7 @@ def job_tree(method: str, out_dir="OUT_DIR", ckpts=None) -> dict:
         # max_failures 0: a crash fails the test instead of being retried out of sight
         "cluster": {"workers": 2, "sources_mode": SOURCES_MODE[method], "cpus_per_worker": 0.4,
                     "cpus_per_source_actor": 0.2, "max_failures": 0, "request_timeout_s": 120,
-                    "start_timeout_s": 60},
+                    "start_timeout_s": 60, "meta_sync": "per_shard"},
         "tracking": {"enabled": False},
     }
 

@@ -2,7 +2,7 @@
 (gloo, two processes, float64): two ranks holding unequal shards of a global batch compute the
 one-process hyper-gradient of the whole batch, which in turn equals the unrolled reference and
 central finite differences. With batch norm on, this holds only with synchronised moments; the
-per-shard look-ahead (today's `per_shard`) differs, which shows that the test can fail."""
+per-shard look-ahead (`per_shard`) differs, which shows that the test can fail."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""What a data-parallel run computes, in one process: the reference for the equivalence test.
+"""What a `per_shard` data-parallel run computes, in one process: the reference for its equivalence test.
 
 Written against the method's pieces (objective, SGD step, hyper-gradient), not against
 L2TStep, so that it checks the distributed loop rather than repeating it: per iteration, every
@@ -25,7 +25,11 @@ def simulate_data_parallel(job: JobConfig, world: int, iterations: int,
                            device: str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
     """θ and φ (by parameter name, as in the student's and the meta-networks' state dicts, on
     the CPU) after `iterations` data-parallel iterations of epoch 0 on `world` ranks, and the
-    student's floating-point buffers (BN running statistics) averaged over the ranks."""
+    student's floating-point buffers (BN running statistics) averaged over the ranks. It is
+    the `per_shard` algorithm; `global` is checked against one process on the global batch."""
+    if world > 1 and job.cluster.meta_sync != "per_shard":
+        raise ValueError(f"simulate_data_parallel simulates cluster.meta_sync: per_shard, not "
+                         f"{job.cluster.meta_sync!r}; set it in the job (global equals one process: world=1)")
     from l2t_dist.bilevel import grads_of, hypergradient, sgd_step_
     from l2t_dist.data import model_input
     from l2t_dist.method.functional import preserved_buffers

@@ -11,10 +11,11 @@ weighted by shard size (the gradient of the global-batch mean), so replicas stay
 val/test are counted in shards and the counts summed; rank 0 writes. The look-ahead:
 - `meta_sync="per_shard"`: each rank looks ahead on its own shard and the hyper-gradients
   are averaged (one φ all-reduce per iteration; not the one-process algorithm);
-- `meta_sync="global"`: every look-ahead gradient and every θ-product of the reverse sweep
-  is averaged too, so each rank walks the global-batch look-ahead and the hyper-gradient is
-  the one-process one (2T+2 more θ-sized all-reduces per iteration). Losses are scaled by
-  n_r·world/N instead of weighting the reduction, which stays exact through `sync_bn`.
+- `meta_sync="global"` (the default, as in the job schema): every look-ahead gradient and
+  every θ-product of the reverse sweep is averaged too, so each rank walks the global-batch
+  look-ahead and the hyper-gradient is the one-process one (2T+2 more θ-sized all-reduces per
+  iteration). Losses are scaled by n_r·world/N instead of weighting the reduction, which
+  stays exact through `sync_bn`.
 Batch norm keeps per-rank statistics (averaged before evaluation and checkpoints), or, with
 `sync_bn`, normalises with the global batch's moments (distributed/sync_bn.py): then N ranks
 compute what one process computes on the global batch.
@@ -101,7 +102,7 @@ class DataParallel:
 
     name = "data_parallel"
 
-    def __init__(self, rank: int, world: int, group=None, meta_sync: str = "per_shard", sync_bn: bool = False):
+    def __init__(self, rank: int, world: int, group=None, meta_sync: str = "global", sync_bn: bool = False):
         if meta_sync not in META_SYNCS:
             raise ConfigError(f"unknown cluster.meta_sync {meta_sync!r}; allowed: {', '.join(META_SYNCS)}")
         if sync_bn and meta_sync != "global":
