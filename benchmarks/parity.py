@@ -10,8 +10,9 @@ interrupted study resumes.
     python benchmarks/parity.py --table                                      # mean and spread
 
 Configs: `local` (one process), `ray-per_shard` (each worker looks ahead on its shard),
-`ray-global` (meta_sync global + sync_bn: the one-process algorithm on 2 workers) and
-`ray-global-no_sync_bn` (the defaults: meta_sync global, batch norm on each worker's shard). The demo's
+`ray-global` (meta_sync global + sync_bn: the one-process algorithm on 2 workers; what the
+defaults give a target whose batch norms are torch's) and `ray-global-no_sync_bn` (meta_sync
+global, batch norm on each worker's shard: sync_bn false). The demo's
 task: the target job of `l2t-dist demo` (synthetic task c, 10 images per class, resnet20
 target, the two demo sources pretrained once into runs/parity/sources, the demo's epochs). CIFAR-10:
 the real-data study's command at 25 images per class (docs/results.md), 20 epochs.

@@ -212,9 +212,13 @@ class ClusterConfig(_Section):
                               "one process's accuracy, docs/distributed.md); per_shard: each worker looks ahead on "
                               "its shard and the hyper-gradients are averaged (2T+2 fewer θ-sized all-reduces per "
                               "iteration, another algorithm)")
-    sync_bn: bool = Field(False, description="normalise with the global batch's moments (differentiable all-reduce, "
-                                             "real step and look-ahead); needs meta_sync: global; false: per-worker "
-                                             "statistics, averaged before evaluation and checkpoints")
+    sync_bn: Optional[bool] = Field(
+        None, description="batch norm with the global batch's moments (a differentiable all-reduce per BN forward, "
+                          "real step and look-ahead). null: whenever meta_sync is global and every BN of the target "
+                          "is torch's, so N workers equal one process (else per-worker statistics); true: require "
+                          "it (needs meta_sync: global; refuses BN layers with a forward of their own, like timm's "
+                          "BatchNormAct2d); false: per-worker statistics, averaged before evaluation and checkpoints "
+                          "(no all-reduce per BN forward)")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
     actor_max_restarts: int = Field(2, ge=0, description="restarts of a dead source actor (requests are retried)")
     request_timeout_s: float = Field(300.0, gt=0, description="longest wait for one batch of served features")

@@ -71,7 +71,8 @@ def source_job(name: str, task: str, arch: str, out: Path, budget: Budget = FULL
 def target_job(method: str, sources: list[dict], out: Path, data: dict, *, budget: Budget = FULL,
                workers: int = 2, tracking: Optional[dict] = None, seed: int = 0) -> JobConfig:
     # meta_sync global + sync_bn: the 2 Ray workers run the one-process algorithm on the global
-    # batch (docs/distributed.md), so `--backend ray` and `--backend local` answer alike.
+    # batch (docs/distributed.md), so `--backend ray` and `--backend local` answer alike. They are
+    # the defaults for this target too; written out so that the demo's job file shows them.
     return parse_job({"data": data, "target": {"arch": "resnet20"},
                       "sources": sources if method != "scratch" else [],
                       "method": {"name": method, "beta": 0.5, "T": 2},

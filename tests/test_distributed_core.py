@@ -166,7 +166,7 @@ def test_unplaceable_plans_fail_with_both_sides_named():
 def test_cluster_section_defaults_and_errors():
     job = parse_job({"method": {"name": "scratch"}})
     assert job.cluster.workers == 2 and job.cluster.sources_mode == "served" and job.cluster.address is None
-    assert job.cluster.meta_sync == "global" and not job.cluster.sync_bn  # the one-process hyper-gradient
+    assert job.cluster.meta_sync == "global" and job.cluster.sync_bn is None  # one process's answer, by default
     with pytest.raises(ConfigError, match="sync_bn=true needs cluster.meta_sync=global"):
         parse_job({"method": {"name": "scratch"}, "cluster": {"sync_bn": True, "meta_sync": "per_shard"}})
     synced = parse_job({"method": {"name": "scratch"}, "cluster": {"sync_bn": True}})

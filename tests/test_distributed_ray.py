@@ -131,6 +131,7 @@ def test_multi_source_job_runs_end_to_end_across_raylets(reference, cluster):
     assert {"job.yaml", "metrics.jsonl", "last.pt", "best.pt"} <= {p.name for p in run_dir.iterdir()}
     assert [r["epoch"] for r in _rows(run_dir)] == [1, 2]
     assert s["epochs"] == 2 and s["workers"] == 2 and s["backend"] == "ray"
+    assert s["sync_bn"] is False  # meta_sync per_shard: per-worker batch norm statistics
     assert s["replica_max_diff"] == 0.0  # checked at every checkpoint, on every rank
     # placement: the sources on the head raylet, both workers on the other one
     head = cluster.head_node.node_id
@@ -252,8 +253,8 @@ def test_cub_paper_job_on_ray(cluster, tmp_path):
     """Issue 14's acceptance with --backend ray: jobs/cub200_paper.yaml on a small CUB-200-2011
     tree and a torchvision ResNet34 state_dict (tests/test_cub_job.py runs it locally), streamed
     with the default 2 decode workers per train worker, the ResNet34 served from the head
-    raylet: one epoch trains, evaluates and checkpoints, with the default meta_sync global
-    (ResNet34's θ all-reduced 2T+3 times per iteration)."""
+    raylet: one epoch trains, evaluates and checkpoints, with the defaults meta_sync global and
+    sync_bn null (the target's torch batch norms synchronised)."""
     import contextlib
     import io
     import math
@@ -274,6 +275,7 @@ def test_cub_paper_job_on_ray(cluster, tmp_path):
     assert code == 0, buf.getvalue()
     s = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert s["backend"] == "ray" and s["workers"] == 2 and s["epochs"] == 1 and len(s["pairs"]) == 16
+    assert s["sync_bn"] is True  # the defaults: meta_sync global, and ResNet18's torch BN synchronised
     assert all(math.isfinite(s[k]) for k in ("best_val_acc", "test_acc_at_best_val", "final_val_acc"))
     assert s["replica_max_diff"] == 0.0
     assert set(s["source_nodes"].values()) == {cluster.head_node.node_id}

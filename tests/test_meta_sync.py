@@ -194,3 +194,32 @@ def test_sync_bn_converts_torch_batch_norm_and_refuses_one_with_its_own_forward(
     with pytest.raises(ConfigError, match="BatchNormAct2d"):
         check_job(parse_job({"method": {"name": "scratch"}, "target": {"arch": "timm:efficientnet_b0"},
                              "cluster": {"meta_sync": "global", "sync_bn": True}}))
+    # the default (null) synchronises when it can, and never refuses a network
+    check_job(parse_job({"method": {"name": "scratch"}, "target": {"arch": "timm:efficientnet_b0"}}))
+
+
+def test_default_sync_bn_synchronises_torch_batch_norm_under_global_meta_sync_only():
+    """cluster.sync_bn null: the global batch's moments whenever they can be had (meta_sync
+    global, torch BN layers), so that N workers equal one process by default; per-worker
+    statistics for per_shard and for BN layers with a forward of their own."""
+    from timm.layers import BatchNormAct2d
+
+    from l2t_dist.config import parse_job
+    from l2t_dist.distributed.sync_bn import MomentSyncBatchNorm, resolve_sync_bn
+    from l2t_dist.train.parallel import DataParallel
+
+    assert parse_job({"method": {"name": "scratch"}}).cluster.sync_bn is None
+    timm_bn = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4))
+    assert resolve_sync_bn(None, "global", _net(True)) is True
+    assert resolve_sync_bn(None, "global", _net(False)) is True  # nothing to convert, nothing lost
+    assert resolve_sync_bn(None, "per_shard", _net(True)) is False
+    assert resolve_sync_bn(None, "global", timm_bn) is False
+    assert resolve_sync_bn(False, "global", _net(True)) is False
+    # the strategy applies it to the student (no communication until a forward)
+    for meta_sync, synced in (("global", True), ("per_shard", False)):
+        net, par = _net(True), DataParallel(0, 2, meta_sync=meta_sync)
+        par.prepare_model(net)
+        assert par.sync_bn is synced and isinstance(net[1], MomentSyncBatchNorm) is synced
+    par = DataParallel(0, 2)
+    par.prepare_model(timm_bn)
+    assert par.sync_bn is False and type(timm_bn[1]) is BatchNormAct2d

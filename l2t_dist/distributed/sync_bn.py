@@ -129,16 +129,35 @@ _SYNCED = {nn.BatchNorm1d: MomentSyncBatchNorm1d, nn.BatchNorm2d: MomentSyncBatc
 _TORCH_BN = tuple(_SYNCED)
 
 
-def check_sync_bn(module: nn.Module) -> None:
-    """Refuse a batch-norm layer with a forward of its own (timm's BatchNormAct2d, ...): its extra
-    computation would be lost. Called by `l2t-dist job` and the Ray driver (validate.py) before
-    any worker starts, and by the conversion itself."""
+def unsyncable_layer(module: nn.Module) -> Optional[tuple[str, type]]:
+    """The first batch-norm layer with a forward of its own (timm's BatchNormAct2d, ...), whose
+    extra computation a synchronised forward would lose; None when every one is torch's."""
     for name, m in module.named_modules():
         if (isinstance(m, _BatchNorm) and not isinstance(m, MomentSyncBatchNorm) and type(m) not in _TORCH_BN
                 and type(m).forward not in {c.forward for c in _TORCH_BN + (_BatchNorm,)}):
-            raise ConfigError(f"cluster.sync_bn: layer {name!r} is a {type(m).__module__}.{type(m).__name__}, a "
-                              "batch norm with a forward of its own, which cannot be synchronised; use "
-                              "cluster.sync_bn: false (per-worker statistics) for this network")
+            return name, type(m)
+    return None
+
+
+def check_sync_bn(module: nn.Module) -> None:
+    """Refuse `cluster.sync_bn: true` for a network with an unsyncable batch norm. Called by
+    `l2t-dist job` and the Ray driver (validate.py) before any worker starts, and by the
+    conversion itself."""
+    found = unsyncable_layer(module)
+    if found:
+        name, cls = found
+        raise ConfigError(f"cluster.sync_bn: layer {name!r} is a {cls.__module__}.{cls.__name__}, a "
+                          "batch norm with a forward of its own, which cannot be synchronised; use "
+                          "cluster.sync_bn: false (per-worker statistics) for this network")
+
+
+def resolve_sync_bn(setting: Optional[bool], meta_sync: str, module: nn.Module) -> bool:
+    """cluster.sync_bn as a run uses it. null (the default) synchronises when it can: with
+    meta_sync global and only torch batch norms, so that N workers compute what one process
+    computes; per-worker statistics otherwise. true and false are taken as they are."""
+    if setting is not None:
+        return setting
+    return meta_sync == "global" and unsyncable_layer(module) is None
 
 
 def sync_batch_norm_(module: nn.Module, group=None) -> int:

@@ -157,6 +157,7 @@ def _train(config: dict) -> RunSummary:
     summary.backend = "ray"
     summary.restored_at_step = None if state is None else state.global_step
     summary.restored_by = restored_by
+    summary.sync_bn = parallel.sync_bn
     if hasattr(loop.feeder, "bytes_per_image"):
         summary.feature_bytes_per_image = loop.feeder.bytes_per_image()
     nodes: list = [None] * world

@@ -16,9 +16,10 @@ val/test are counted in shards and the counts summed; rank 0 writes. The look-ah
   look-ahead and the hyper-gradient is the one-process one (2T+2 more θ-sized all-reduces per
   iteration). Losses are scaled by n_r·world/N instead of weighting the reduction, which
   stays exact through `sync_bn`.
-Batch norm keeps per-rank statistics (averaged before evaluation and checkpoints), or, with
-`sync_bn`, normalises with the global batch's moments (distributed/sync_bn.py): then N ranks
-compute what one process computes on the global batch.
+Batch norm normalises with the global batch's moments (`sync_bn`, distributed/sync_bn.py;
+by default whenever meta_sync is global and every batch norm is torch's): then N ranks
+compute what one process computes on the global batch. Otherwise it keeps per-rank
+statistics, averaged before evaluation and checkpoints.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class DataParallel:
 
     name = "data_parallel"
 
-    def __init__(self, rank: int, world: int, group=None, meta_sync: str = "global", sync_bn: bool = False):
+    def __init__(self, rank: int, world: int, group=None, meta_sync: str = "global",
+                 sync_bn: Optional[bool] = None):
         if meta_sync not in META_SYNCS:
             raise ConfigError(f"unknown cluster.meta_sync {meta_sync!r}; allowed: {', '.join(META_SYNCS)}")
         if sync_bn and meta_sync != "global":
@@ -117,9 +119,11 @@ class DataParallel:
         self.lookahead_sync = self._average if meta_sync == "global" else None
 
     def prepare_model(self, module: torch.nn.Module) -> None:
-        if self.sync_bn:
-            from l2t_dist.distributed.sync_bn import sync_batch_norm_
+        """Synchronise the student's batch norms when cluster.sync_bn asks or (null) can."""
+        from l2t_dist.distributed.sync_bn import resolve_sync_bn, sync_batch_norm_
 
+        self.sync_bn = resolve_sync_bn(self.sync_bn, self.meta_sync, module)
+        if self.sync_bn:
             sync_batch_norm_(module, self.group)
 
     def loss_scale(self) -> float:

@@ -148,6 +148,7 @@ class RunSummary:
     ray_storage: Optional[str] = None
     source_actors: Optional[dict] = None
     source_nodes: Optional[dict] = None
+    sync_bn: Optional[bool] = None          # whether the workers synchronised batch norm (cluster.sync_bn resolved)
     # tracking
     mlflow: Optional[dict] = None
 
