@@ -49,7 +49,9 @@ def job_for(out: Path, sources: list[dict], name: str, iters: int, batch: int, c
         "sources": sources, "target": {"arch": "resnet20"},
         "method": {"name": "l2t_ww", "T": 1, "beta": 0.1}, "optim": {"lr": 0.05, "epochs": 2}, "meta": {"lr": 1e-3},
         "run": {"name": name, "out_dir": str(out), "seed": 0, "max_iters_per_epoch": iters},
-        "cluster": {"num_cpus": cpus, "max_failures": 0, **cluster},
+        # per_shard, per-worker BN: the algorithm of the recorded results (the defaults before
+        # 2026-12-07); what global and sync_bn cost is benchmarks/meta_sync.py's question
+        "cluster": {"num_cpus": cpus, "max_failures": 0, "meta_sync": "per_shard", "sync_bn": False, **cluster},
     })
 
 
