@@ -175,6 +175,17 @@ def test_cluster_section_defaults_and_errors():
         parse_job({"method": {"name": "scratch"}, "cluster": {"feature_dtype": "int8"}})
 
 
+
+def test_the_per_shard_simulation_refuses_a_global_job(tmp_path):
+    """simulate_data_parallel computes per_shard only; handed the default (global) job it says
+    so before any work, instead of returning another algorithm's numbers."""
+    from l2t_dist.distributed.reference import simulate_data_parallel
+
+    tree = {k: v for k, v in _job_tree(tmp_path, "unused.pt").items() if k != "cluster"}
+    with pytest.raises(ValueError, match="simulates cluster.meta_sync: per_shard, not 'global'"):
+        simulate_data_parallel(parse_job(tree), world=2, iterations=1)
+
+
 # ---- processes: imports and the CLI's fast failures ----------------------------------------
 
 from test_imports import BLOCK  # noqa: E402 - blocks `import ray` / `import mlflow` in a subprocess
